@@ -1,0 +1,95 @@
+#pragma once
+
+// Device helpers for the .cu files: dtype dispatch without ATen, grid sizing, block sums.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "launchers.h"
+
+namespace fdsm {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type_t = typename AccType<T>::type;
+
+// Calls fn with a value of the storage type of `dtype` (the value only carries the type).
+template <typename Fn>
+cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float:
+      fn(float{});
+      break;
+    case DType::Double:
+      fn(double{});
+      break;
+    case DType::Half:
+      fn(__half{});
+      break;
+    case DType::BFloat16:
+      fn(__nv_bfloat16{});
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+constexpr int kThreads = 256;
+
+// Grid-stride loops cover any size; the cap only bounds the launch itself.
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
+}
+inline unsigned grid_rows(int64_t rows) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 1 << 20)));
+}
+
+template <typename T>
+__device__ inline T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sums N values over the block; every thread gets the totals. Deterministic (fixed tree),
+// so CUDA results do not depend on scheduling. `shared` needs N * 32 slots.
+template <int N, typename T>
+__device__ inline void block_sum(T (&vals)[N], T* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int j = 0; j < N; ++j) vals[j] = warp_sum(vals[j]);
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) shared[j * 32 + warp] = vals[j];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      T v = lane < n_warps ? shared[j * 32 + lane] : T(0);
+      v = warp_sum(v);
+      if (lane == 0) shared[j * 32] = v;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < N; ++j) vals[j] = shared[j * 32];
+  // The slots are reused by the next call of the same block.
+  __syncthreads();
+}
+
+}  // namespace fdsm

@@ -1,0 +1,176 @@
+"""Argument checks, model calls on stacked batches and output handling shared by every loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+OUTPUTS = ("auto", "log_density", "energy", "score")
+REDUCTIONS = ("mean", "sum", "none")
+NOISES = ("sphere", "gaussian", "rademacher")
+SCALAR = "scalar"
+SCORE = "score"
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """value: a finite number > 0 or a tensor of them."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or not bool(torch.all(value > 0)):
+            raise ValueError(f"{name} must be > 0 (floating point), got {value}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number > 0, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_x(x: Any, fn: str, finite_differences: bool) -> None:
+    """x must be a floating tensor (B, *event_shape) with B >= 1 and d >= 1."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{fn}: x must have a batch dimension first, shape (B, *event_shape), "
+            f"got shape {tuple(x.shape)} (use x[:, None] for one-dimensional data)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{fn}: x has zero samples (shape {tuple(x.shape)}); need B >= 1")
+    if x[0].numel() == 0:
+        raise ValueError(f"{fn}: x has empty samples (shape {tuple(x.shape)}); need d >= 1")
+    if finite_differences and x.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{fn}: x has dtype {x.dtype}; finite differences in half precision are noise "
+            "(the second difference loses u*|L|/eps^2, about 10% at eps=0.1 with u=1e-3). "
+            "Pass float32 or float64 x (a model may still autocast internally: the FD "
+            "reductions accumulate its half-precision outputs in float32)."
+        )
+
+
+def check_reduction_output(output: str, reduction: str) -> None:
+    check_choice("output", output, OUTPUTS)
+    check_choice("reduction", reduction, REDUCTIONS)
+
+
+def repeat_args(args: Sequence[Any], batch: int, copies: int) -> list[Any]:
+    """Repeat every tensor argument with leading dimension ``batch`` ``copies`` times."""
+    if copies == 1:
+        return list(args)
+    return [
+        torch.cat([a] * copies) if isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == batch
+        else a
+        for a in args
+    ]
+
+
+def call_model(
+    model: Callable[..., Tensor], inputs: Tensor, args: Sequence[Any], fn: str
+) -> Tensor:
+    """One model call; checks that it returned a tensor with one row per input row."""
+    out = model(inputs, *args)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{fn}: the model must return a tensor, got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"{fn}: the model returned shape {tuple(out.shape)} for {inputs.shape[0]} input "
+            f"rows; it must return one row per input row"
+        )
+    return out
+
+
+def output_kind(out: Tensor, event_shape: torch.Size, output: str, fn: str) -> tuple[str, float]:
+    """Classify a model output as (SCALAR, sign) or (SCORE, 1.0) and check it matches ``output``.
+
+    sign converts the scalar to a log-density: +1 for log-densities, -1 for energies.
+    """
+    per_sample = out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)
+    x_shaped = out.shape[1:] == event_shape
+    if output == "auto":
+        if x_shaped and not per_sample:
+            return SCORE, 1.0
+        if per_sample:
+            return SCALAR, 1.0
+    elif output == "score" and x_shaped:
+        return SCORE, 1.0
+    elif output in ("log_density", "energy") and per_sample:
+        return SCALAR, 1.0 if output == "log_density" else -1.0
+    expected = {
+        "auto": "per-sample scalars (N,) or (N, 1), or scores shaped like x "
+        f"(N, *{tuple(event_shape)})",
+        "score": f"scores shaped like x: (N, *{tuple(event_shape)})",
+        "log_density": "per-sample scalars of shape (N,) or (N, 1)",
+        "energy": "per-sample scalars of shape (N,) or (N, 1)",
+    }[output]
+    raise ValueError(
+        f"{fn}: with output={output!r} the model must return {expected}; "
+        f"it returned shape {tuple(out.shape)}"
+    )
+
+
+def reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn from ``generator`` (on its own device)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def model_score(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    args: Sequence[Any],
+    output: str,
+    fn: str,
+    create_graph: bool,
+) -> tuple[Tensor, Tensor]:
+    """(s, x_in): the score s (N, d) at x_in, a version of x that requires grad.
+
+    Score models are called directly; for scalar models s = sign * grad_x out by autograd
+    (with ``create_graph`` so that second derivatives or parameter gradients can follow).
+    """
+    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = call_model(model, x_in, args, fn)
+        kind, sign = output_kind(out, x.shape[1:], output, fn)
+        if kind == SCALAR:
+            (score,) = torch.autograd.grad(sign * out.sum(), x_in, create_graph=create_graph)
+        else:
+            score = out
+    return score.reshape(x.shape[0], -1), x_in
+
+
+def per_sample_sigma(sigma: float | Tensor, x: Tensor, fn: str) -> Tensor:
+    """sigma as a tensor (B,) in x's dtype and device, checked > 0."""
+    check_positive("sigma", sigma)
+    if isinstance(sigma, Tensor):
+        if sigma.dim() == 0:
+            sigma = sigma.expand(x.shape[0])
+        sigma = sigma.reshape(-1)
+        if sigma.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{fn}: sigma must be a number or a tensor of shape (B,) = ({x.shape[0]},), "
+                f"got shape {tuple(sigma.shape)}"
+            )
+        return sigma.to(device=x.device, dtype=x.dtype)
+    return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)

@@ -1,0 +1,145 @@
+"""Autograd score-matching baselines (SSM, SSM-VR, DSM, exact SM), same calling convention.
+
+They are the best plain-autograd forms, for comparison with the FD losses: projections are
+batched into one model call, and scalar models are differentiated twice (double backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    check_choice,
+    check_int,
+    check_reduction_output,
+    check_x,
+    model_score,
+    per_sample_sigma,
+    randn_like,
+    reduce,
+    repeat_args,
+)
+
+
+def ssm_loss(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    *model_args: Any,
+    noise: str = "rademacher",
+    n_projections: int = 1,
+    variance_reduction: bool = False,
+    output: str = "auto",
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sliced score matching (Song et al. 2019) by autograd, u with E[u u^T] = I.
+
+    Per sample, averaged over ``n_projections`` directions (evaluated in one model call):
+        1/2 (u^T s(x))^2 + u^T (ds/dx) u        (SSM)
+        1/2 ||s(x)||^2   + u^T (ds/dx) u        (SSM-VR, ``variance_reduction=True``)
+    with s = grad log p by autograd for scalar models (then ds/dx is the Hessian, a double
+    backward) or the model output for score models. ``noise``: "rademacher" | "gaussian".
+    """
+    fn = "ssm_loss"
+    check_x(x, fn, finite_differences=False)
+    check_reduction_output(output, reduction)
+    check_choice("noise", noise, ("rademacher", "gaussian"))
+    check_int("n_projections", n_projections, 1)
+    batch = x.shape[0]
+    x_rep = torch.cat([x] * n_projections) if n_projections > 1 else x
+    args = repeat_args(model_args, batch, n_projections)
+    score, x_in = model_score(model, x_rep, args, output, fn, create_graph=True)
+    u = _projections(score, noise, generator)
+    with torch.enable_grad():
+        su = (score * u).sum(1)
+        (jac_u,) = torch.autograd.grad(su.sum(), x_in, create_graph=True)
+    u_jac_u = (jac_u.reshape_as(u) * u).sum(1)
+    first = 0.5 * (score * score).sum(1) if variance_reduction else 0.5 * su**2
+    per_sample = (first + u_jac_u).reshape(n_projections, batch).mean(0)
+    return reduce(per_sample, reduction)
+
+
+def dsm_loss(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigma: float | Tensor,
+    *model_args: Any,
+    output: str = "auto",
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Denoising score matching (Vincent 2011): x~ = x + sigma z, z ~ N(0, I); per sample
+
+        1/2 || s(x~) + (x~ - x)/sigma^2 ||^2 = 1/2 || s(x~) + z/sigma ||^2,
+
+    with s the model output (score models, no derivative of the model) or grad log p by
+    autograd (scalar models, a double backward in training). ``sigma``: number or (B,).
+    """
+    fn = "dsm_loss"
+    check_x(x, fn, finite_differences=False)
+    check_reduction_output(output, reduction)
+    sigma = per_sample_sigma(sigma, x, fn)
+    z = randn_like(x, generator)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    x_tilde = x + sigma.view(view) * z
+    score, _ = model_score(model, x_tilde, model_args, output, fn, create_graph=True)
+    residual = score + (z / sigma.view(view)).reshape_as(score)
+    return reduce(0.5 * (residual * residual).sum(1), reduction)
+
+
+def exact_sm_loss(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    *model_args: Any,
+    output: str = "auto",
+    reduction: str = "mean",
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Exact score matching (Hyvarinen 2005): per sample 1/2 ||s(x)||^2 + tr(ds/dx).
+
+    The trace is summed from the d diagonal entries, ``chunk_size`` input dimensions at a
+    time (default: about 1024 stacked rows per model call), each chunk one model call on
+    ``chunk_size * B`` rows and one extra backward, so memory stays bounded for any d.
+    ``create_graph=True`` keeps the graph for training; by default the value is detached.
+    """
+    fn = "exact_sm_loss"
+    check_x(x, fn, finite_differences=False)
+    check_reduction_output(output, reduction)
+    batch, d = x.shape[0], x[0].numel()
+    if chunk_size is None:
+        chunk_size = max(1, min(d, 1024 // batch))
+    check_int("chunk_size", chunk_size, 1)
+
+    norm_term = None
+    trace = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    for start in range(0, d, chunk_size):
+        dims = torch.arange(start, min(d, start + chunk_size), device=x.device)
+        copies = dims.numel()
+        x_rep = torch.cat([x] * copies) if copies > 1 else x
+        args = repeat_args(model_args, batch, copies)
+        score, x_in = model_score(model, x_rep, args, output, fn, create_graph=True)
+        # Copy j differentiates its own score entry dims[j]: one backward gives a diagonal chunk.
+        index = dims.view(-1, 1, 1).expand(copies, batch, 1)
+        diag_out = score.reshape(copies, batch, d).gather(2, index)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(diag_out.sum(), x_in, create_graph=create_graph)
+        diag = grad.reshape(copies, batch, d).gather(2, index)
+        trace = trace + diag.sum((0, 2))
+        if norm_term is None:
+            first = score.reshape(copies, batch, d)[0]
+            norm_term = 0.5 * (first * first).sum(1)
+            if not create_graph:
+                norm_term = norm_term.detach()
+    per_sample = norm_term + trace
+    return reduce(per_sample if create_graph else per_sample.detach(), reduction)
+
+
+def _projections(like: Tensor, noise: str, generator: torch.Generator | None) -> Tensor:
+    """Projection vectors with E[u u^T] = I: Rademacher +-1 or standard Gaussian."""
+    u = randn_like(like, generator)
+    return u.sign() if noise == "rademacher" else u
