@@ -1,0 +1,145 @@
+"""Datasets for the examples: built-in 8x8 digits, and MNIST / Fashion-MNIST from IDX files.
+
+Every loader returns ``(train, test)`` float32 tensors of shape (N, 1, H, W) scaled to [0, 1].
+No torchvision: the IDX format is a few lines of numpy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "fashion_mnist", "mnist")
+
+FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+
+# Standard file names of the MNIST family (identical for MNIST and Fashion-MNIST).
+IDX_FILES = {
+    "train": "train-images-idx3-ubyte.gz",
+    "test": "t10k-images-idx3-ubyte.gz",
+}
+
+# IDX type codes -> numpy big-endian dtypes.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class DataError(Exception):
+    """A dataset could not be loaded; the message is one line meant for the user."""
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed, chosen by a ``.gz`` suffix)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise DataError(f"{path}: not an IDX file (too short)")
+    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or type_code not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    header_end = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header_end])
+    dtype = _IDX_DTYPES[type_code]
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - header_end != count * dtype.itemsize:
+        raise DataError(f"{path}: IDX size mismatch (header says shape {tuple(shape)})")
+    return np.frombuffer(raw, dtype=dtype, offset=header_end).reshape(shape)
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (gzip-compressed when ``path`` ends in ``.gz``)."""
+    codes = {v.newbyteorder(">") if v.itemsize > 1 else v: k for k, v in _IDX_DTYPES.items()}
+    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    if dtype not in codes:
+        raise ValueError(f"dtype {array.dtype} has no IDX type code")
+    header = struct.pack(">HBB", 0, codes[dtype], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=dtype).tobytes())
+
+
+def default_data_dir(dataset: str) -> str | None:
+    if dataset == "fashion_mnist" and os.path.isdir(FASHION_MNIST_DEFAULT_DIR):
+        return FASHION_MNIST_DEFAULT_DIR
+    return None
+
+
+def check_data_files(dataset: str, data_dir: str | None) -> None:
+    """Raise DataError with a one-line hint when the files for ``dataset`` are missing."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "digits":
+        return
+    if data_dir is None:
+        hint = (
+            " (or `apt-get install dataset-fashion-mnist`, which puts them in "
+            f"{FASHION_MNIST_DEFAULT_DIR})" if dataset == "fashion_mnist" else ""
+        )
+        raise DataError(
+            f"{dataset} needs --data-dir: a folder holding {IDX_FILES['train']} and "
+            f"{IDX_FILES['test']}{hint}"
+        )
+    missing = [n for n in IDX_FILES.values() if not os.path.isfile(os.path.join(data_dir, n))]
+    if missing:
+        raise DataError(
+            f"{dataset}: missing {', '.join(missing)} in {data_dir}; put the standard IDX .gz "
+            "files there"
+        )
+
+
+def _digits(test_size: int, seed: int):
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8), values 0..16
+    perm = np.random.RandomState(seed).permutation(len(images))
+    images = images[perm]
+    return images[test_size:], images[:test_size]
+
+
+def _idx(data_dir: str):
+    train = read_idx(os.path.join(data_dir, IDX_FILES["train"])).astype(np.float32) / 255.0
+    test = read_idx(os.path.join(data_dir, IDX_FILES["test"])).astype(np.float32) / 255.0
+    if train.ndim != 3 or test.ndim != 3:
+        raise DataError(f"{data_dir}: expected image files of shape (N, H, W)")
+    return train, test
+
+
+def load_dataset(
+    dataset: str,
+    data_dir: str | None = None,
+    *,
+    limit: int | None = None,
+    test_limit: int | None = None,
+    split_seed: int = 0,
+):
+    """Return ``(train, test)`` as float32 tensors (N, 1, H, W) in [0, 1].
+
+    ``digits``: scikit-learn's 1797 8x8 digits, a fixed random 297-image held-out split.
+    ``mnist`` / ``fashion_mnist``: the standard train / t10k IDX files in ``data_dir``.
+    ``limit`` / ``test_limit`` keep only the first images (tests, quick runs).
+    """
+    if data_dir is None:
+        data_dir = default_data_dir(dataset)
+    check_data_files(dataset, data_dir)
+    if dataset == "digits":
+        train, test = _digits(297, split_seed)
+    else:
+        train, test = _idx(data_dir)
+    if limit is not None:
+        train = train[:limit]
+    if test_limit is not None:
+        test = test[:test_limit]
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)  # noqa: E731
+    return to_t(train), to_t(test)

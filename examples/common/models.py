@@ -1,0 +1,136 @@
+"""Networks for the examples.
+
+Neither network uses batch statistics (no BatchNorm): finite-difference losses evaluate the
+model on a stacked batch [x + v, x - v, ...], and batch statistics would couple the copies.
+
+- :class:`EnergyNet`: the paper's kind of deep energy model. Residual conv blocks with
+  softplus activations (smooth, so second differences of the energy are meaningful), no
+  normalisation, and a quadratic head ``E(x) = 1/2 ||h(x)||^2``, which keeps the energy
+  bounded below and growing at infinity.
+- :class:`ScoreNet`: a small U-Net score network for noise-conditional training (NCSN).
+  Conditioning on the noise level by a learned embedding of the level index that scales and
+  shifts every GroupNorm (a FiLM / conditional-norm layer), output divided by sigma
+  (as in NCSNv2) so the network predicts a unit-scale quantity at every level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _n_down(image_size: int, min_size: int) -> int:
+    n = 0
+    while image_size > min_size and image_size % 2 == 0:
+        image_size //= 2
+        n += 1
+    return n
+
+
+class EnergyResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(F.softplus(x))
+        h = self.conv2(F.softplus(h))
+        return x + h
+
+
+class EnergyNet(nn.Module):
+    """Convolutional energy network; ``forward(x)`` returns the energy, shape (B,)."""
+
+    def __init__(self, in_ch: int = 1, image_size: int = 8, ch: int = 32, head_dim: int = 128):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, ch, 3, padding=1), EnergyResBlock(ch)]
+        size, c = image_size, ch
+        for _ in range(_n_down(image_size, 7 if image_size > 16 else 4)):
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), EnergyResBlock(2 * c)]
+            size, c = size // 2, 2 * c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * size * size, head_dim)
+        self.head = nn.Linear(head_dim, head_dim)
+        # Local quadratic term on the full-resolution features (sum of squares per pixel).
+        self.local = nn.Conv2d(ch, 8, 1)
+
+    def forward(self, x):
+        h0 = self.features[:2](x)
+        h = F.softplus(self.features[2:](h0)).flatten(1)
+        h = self.head(F.softplus(self.fc(h)))
+        loc = self.local(F.softplus(h0)).flatten(1)
+        return 0.5 * h.pow(2).sum(dim=1) + 0.5 * loc.pow(2).sum(dim=1)
+
+
+class CondResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(math.gcd(8, in_ch), in_ch, affine=False)
+        self.film1 = nn.Linear(emb_dim, 2 * in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(math.gcd(8, out_ch), out_ch, affine=False)
+        self.film2 = nn.Linear(emb_dim, 2 * out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    @staticmethod
+    def _film(h, norm, film, emb):
+        scale, shift = film(emb)[:, :, None, None].chunk(2, dim=1)
+        return F.silu(norm(h) * (1 + scale) + shift)
+
+    def forward(self, x, emb):
+        h = self.conv1(self._film(x, self.norm1, self.film1, emb))
+        h = self.conv2(self._film(h, self.norm2, self.film2, emb))
+        return self.skip(x) + h
+
+
+class ScoreNet(nn.Module):
+    """Noise-conditional score network; ``forward(x, labels)`` -> score, shape of x.
+
+    ``labels`` is a LongTensor (B,) of indices into ``sigmas``.
+    """
+
+    def __init__(self, sigmas, in_ch: int = 1, ch: int = 32, emb_dim: int = 64,
+                 mult=(1, 2, 2)):
+        super().__init__()
+        self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
+        self.embed = nn.Embedding(len(sigmas), emb_dim)
+        chs = [ch * m for m in mult]
+        self.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        c = chs[0]
+        for i, co in enumerate(chs):
+            self.down_blocks.append(CondResBlock(c, co, emb_dim))
+            c = co
+            if i < len(chs) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.mid = CondResBlock(c, c, emb_dim)
+        self.up_blocks = nn.ModuleList()
+        for co in reversed(chs):
+            self.up_blocks.append(CondResBlock(c + co, co, emb_dim))
+            c = co
+        self.norm_out = nn.GroupNorm(math.gcd(8, c), c)
+        self.conv_out = nn.Conv2d(c, in_ch, 3, padding=1)
+
+    def forward(self, x, labels):
+        emb = self.embed(labels)
+        h = self.conv_in(x)
+        skips = []
+        for i, block in enumerate(self.down_blocks):
+            h = block(h, emb)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid(h, emb)
+        for block in self.up_blocks:
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out / self.sigmas[labels].view(-1, *([1] * (x.dim() - 1)))

@@ -1,0 +1,361 @@
+"""Training-loop plumbing shared by the examples.
+
+- Command line: a parser whose errors are ONE line (exit code 2, no traceback), shared options.
+- Checkpoints: written atomically (temporary file in the same folder, fsync, os.replace) with
+  model, optimizer, step, history and the global RNG states (torch, CUDA, numpy, random).
+- Exact resume: everything random inside the loop is a pure function of (seed, rank, step):
+  the data order of epoch e is ``randperm(n, seed=f(seed, e))`` and the loss noise of step s
+  comes from a generator seeded with ``f(seed, rank, s)``. A run killed after a checkpoint
+  and resumed with ``--resume`` therefore ends in exactly the same state as an uninterrupted
+  run (tested in python_tests/test_examples.py), whatever the number of processes.
+- Data parallel: ``torchrun --nproc_per_node=N`` sets the env variables read by
+  :func:`setup_distributed` (gloo on CPU, NCCL on GPU). ``--batch-size`` is the GLOBAL batch;
+  each epoch's permutation is sharded DistributedSampler-style (``idx[rank::world]``), the
+  model is wrapped in DistributedDataParallel, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CKPT_NAME = "checkpoint.pt"
+
+
+# ----------------------------------------------------------------------------- command line
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are a single line on stderr (exit code 2)."""
+
+    def error(self, message):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,
+                    ckpt_every: int, eval_every: int, out: str) -> None:
+    p.add_argument("--dataset", default="digits", choices=["digits", "fashion_mnist", "mnist"],
+                   help="digits: scikit-learn's built-in 8x8 digits (no download); "
+                        "mnist / fashion_mnist: standard IDX .gz files in --data-dir")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz "
+                        "(Fashion-MNIST default: /usr/share/datasets/fashion-mnist if present)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N training images (quick runs, tests)")
+    p.add_argument("--steps", type=nonneg_int, default=steps, help="training iterations")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help="GLOBAL batch size (split over torchrun processes)")
+    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help="output folder (checkpoint, pictures, metrics)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads per process (default: torch's choice)")
+    p.add_argument("--ckpt-every", type=nonneg_int, default=ckpt_every,
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=nonneg_int, default=eval_every,
+                   help="held-out evaluation every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    # Test hook: simulate a crash (os._exit) right after this step, after its checkpoint.
+    p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def validate_common(p: argparse.ArgumentParser, args) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch.cuda.is_available() is False")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Initialise torch.distributed from torchrun's environment (no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def max_param_difference(module: torch.nn.Module, d: Dist) -> float:
+    """Largest |difference| of any parameter between this rank and the others (0 if alone)."""
+    if not d.enabled:
+        return 0.0
+    flat = torch.cat([p.detach().flatten().float() for p in module.parameters()]).to(d.device)
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).abs().max())
+
+
+def average_gradients(module: torch.nn.Module, d: Dist) -> None:
+    """All-reduce-mean the gradients by hand (used where DDP's hooks cannot be used)."""
+    if not d.enabled:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world_size
+
+
+# ----------------------------------------------------------------------------- randomness
+_M = (1 << 63) - 1
+
+
+def _mix(*xs: int) -> int:
+    """Deterministic 63-bit hash of integers (splitmix64-style), for seeding generators."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+        h = h * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & _M
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, d: Dist) -> torch.Tensor:
+    """Indices of this rank's share of global batch ``step`` (0-based); drop-last epochs."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the {n} training images")
+    epoch, j = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(_mix(seed, 0xDA7A, epoch))
+    perm = torch.randperm(n, generator=g)
+    return perm[j * batch_size:(j + 1) * batch_size][d.rank::d.world_size]
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """Generator for the loss noise of one step: a pure function of (seed, rank, step)."""
+    return torch.Generator(device=device).manual_seed(_mix(seed, 0x1055, rank, step))
+
+
+def get_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_write(path: str, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, *, model, optimizer, step: int, history: dict, args) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "history": history,
+        "rng": get_rng_state(),
+        "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"},
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+def load_checkpoint(path: str, map_location) -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# Options that must match between a checkpoint and the run resuming it.
+RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "eps", "sigma",
+                     "width", "n_sigmas", "sigma_max", "sigma_min")
+
+
+def check_resume_args(p: argparse.ArgumentParser, saved: dict, args) -> None:
+    for k in RESUME_MUST_MATCH:
+        if k in saved and getattr(args, k, None) != saved[k]:
+            p.error(f"--resume: checkpoint was made with --{k.replace('_', '-')} {saved[k]}, "
+                    f"this run has {getattr(args, k, None)}")
+
+
+# ----------------------------------------------------------------------------- the loop
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def train(*, args, parser, d: Dist, model, train_data: torch.Tensor, loss_fn, eval_fn,
+          use_ddp_hooks: bool = True, log=print):
+    """Run (or resume) the training loop. Returns ``(history, seconds_per_iteration)``.
+
+    loss_fn(net, x, generator) -> scalar loss, where ``net`` is the (possibly DDP-wrapped) model.
+    eval_fn(model) -> float, held-out score-matching loss (called on rank 0 only).
+    use_ddp_hooks: wrap in DistributedDataParallel (one forward + one ordinary backward, the FD
+    losses); False all-reduces the gradients by hand after backward (autograd double-backward
+    losses, whose torch.autograd.grad(create_graph=True) DDP does not support).
+    """
+    from tqdm import tqdm
+
+    model.to(d.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    history = {"train": [], "eval": []}
+    start = 0
+    ckpt_path = os.path.join(args.out, CKPT_NAME)
+    if args.resume and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path, d.device)
+        check_resume_args(parser, state["args"], args)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["step"]
+        set_rng_state(state["rng"])
+        if d.is_main:
+            log(f"resumed from {ckpt_path} at step {start}")
+    elif args.resume and d.is_main:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting from step 0")
+
+    if d.enabled and use_ddp_hooks:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    else:
+        net = model
+        if d.enabled:  # same initial parameters on every rank
+            for p in model.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def checkpoint(step):
+        if d.is_main:
+            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
+                            history=history, args=args)
+
+    def evaluate(step):
+        if d.is_main:
+            model.eval()
+            history["eval"].append((step, float(eval_fn(model))))
+            model.train()
+
+    if start == 0 and args.steps > 0 and not history["eval"]:
+        evaluate(0)
+    train_time, timed_steps = 0.0, 0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
+               disable=args.no_progress or not d.is_main, dynamic_ncols=True)
+    for step in bar:  # step is 0-based; after it, `step + 1` iterations are done
+        t0 = time.perf_counter()
+        idx = batch_indices(len(train_data), args.batch_size, step, args.seed, d)
+        x = train_data[idx].to(d.device, non_blocking=True)
+        gen = step_generator(args.seed, d.rank, step, d.device)
+        loss = loss_fn(net, x, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not use_ddp_hooks:
+            average_gradients(model, d)
+        optimizer.step()
+        value = float(loss.detach())
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        train_time += time.perf_counter() - t0
+        timed_steps += 1
+        if not math.isfinite(value):
+            if d.is_main:
+                print(f"error: training loss became {value} at step {step + 1}; try a smaller "
+                      "--lr (or a larger --eps / --sigma)", file=sys.stderr)
+            sys.exit(1)
+        history["train"].append((step + 1, value))
+        bar.set_postfix(loss=f"{value:.4g}")
+        done = step + 1
+        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            evaluate(done)
+        if args.ckpt_every and done % args.ckpt_every == 0:
+            checkpoint(done)
+        if args.kill_after_step is not None and done == args.kill_after_step:
+            os._exit(17)
+    bar.close()
+    if args.steps > 0 and (not history["eval"] or history["eval"][-1][0] != args.steps):
+        evaluate(args.steps)
+    if start < args.steps or not os.path.exists(ckpt_path):
+        checkpoint(max(start, args.steps))
+    return history, (train_time / timed_steps if timed_steps else float("nan"))

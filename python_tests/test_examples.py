@@ -1,0 +1,290 @@
+"""Smoke tests of the training examples (examples/train_ebm.py, examples/train_ncsn.py).
+
+Everything runs on tiny data (a few built-in 8x8 digits, a handful of steps, tiny networks)
+so the whole file stays well under two minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+EBM = os.path.join(EXAMPLES, "train_ebm.py")
+NCSN = os.path.join(EXAMPLES, "train_ncsn.py")
+
+TINY = ["--limit", "64", "--batch-size", "16", "--threads", "1", "--width", "8",
+        "--n-samples", "16", "--no-progress"]
+TINY_EBM = TINY + ["--eval-size", "16", "--sample-stages", "2", "--sample-steps-each", "2"]
+TINY_NCSN = TINY + ["--n-sigmas", "3", "--n-steps-each", "2"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run(script, *args, check=True, timeout=120):
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=_env(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load_script(path):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3] + "_mod", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def common(name):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    return importlib.import_module(f"common.{name}")
+
+
+def read_ckpt(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+
+
+# --------------------------------------------------------------------------- smoke runs
+@pytest.mark.parametrize("method", ["fd_ssm"])
+def test_ebm_smoke(tmp_path, method):
+    out = str(tmp_path / method)
+    run(EBM, "--method", method, "--steps", "3", "--out", out, *TINY_EBM)
+    for f in ("samples.png", "curves.png", "metrics.json", "checkpoint.pt"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["method"] == method and m["steps"] == 3
+    assert np.isfinite(m["final_heldout_exact_sm_loss"])
+    assert m["seconds_per_iteration"] > 0 and m["peak_rss_mb"] > 0
+    assert np.isfinite(m["mmd2_samples_vs_heldout"]) and m["mmd2_init_noise_vs_heldout"] > 0
+
+
+def test_ncsn_smoke(tmp_path):
+    out = str(tmp_path / "ncsn")
+    run(NCSN, "--steps", "3", "--out", out, *TINY_NCSN)
+    for f in ("samples.png", "curves.png", "metrics.json", "checkpoint.pt"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["method"] == "fd_ssm" and len(m["sigmas"]) == 3 and m["samples_finite"]
+    assert np.isfinite(m["final_heldout_dsm_loss"])
+
+
+@pytest.mark.parametrize("method", ["ssm", "ssm_vr", "exact", "fd_dsm", "dsm"])
+def test_ebm_loss_methods_step(method):
+    """Every --method gives a finite loss with gradients for the energy network."""
+    ebm = load_script(EBM)
+    models = common("models")
+    torch.manual_seed(0)
+    net = models.EnergyNet(image_size=8, ch=8)
+    x = torch.rand(4, 1, 8, 8)
+    loss = ebm.make_loss(method, 0.1, 0.1)(net, x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("method", ["ssm_vr", "dsm"])
+def test_ncsn_loss_methods_step(method):
+    ncsn = load_script(NCSN)
+    models = common("models")
+    torch.manual_seed(0)
+    sigmas = torch.tensor([1.0, 0.1, 0.01])
+    net = models.ScoreNet(sigmas, ch=8)
+    loss = ncsn.make_loss(method, sigmas, 0.1)(net, torch.rand(4, 1, 8, 8),
+                                               torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("script,tiny", [(EBM, TINY_EBM), (NCSN, TINY_NCSN)],
+                         ids=["ebm", "ncsn"])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, script, tiny):
+    args = ["--steps", "6", "--ckpt-every", "3", "--eval-every", "3", *tiny]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run(script, *args, "--out", full)
+    killed = run(script, *args, "--out", part, "--kill-after-step", "4", check=False)
+    assert killed.returncode == 17  # died after step 4; last checkpoint is from step 3
+    assert read_ckpt(part)["step"] == 3 and not os.path.exists(os.path.join(part, "metrics.json"))
+    resumed = run(script, *args, "--out", part, "--resume")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    a, b = read_ckpt(full), read_ckpt(part)
+    assert a["step"] == b["step"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    sa_all, sb_all = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa_all.keys() == sb_all.keys()
+    for i in sa_all:
+        sa, sb = sa_all[i], sb_all[i]
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    assert a["history"] == b["history"]
+
+
+def test_resume_rejects_other_settings(tmp_path):
+    out = str(tmp_path / "r")
+    run(EBM, "--steps", "2", "--out", out, *TINY_EBM)
+    proc = run(EBM, "--steps", "4", "--out", out, "--resume", "--method", "dsm", *TINY_EBM,
+               check=False)
+    assert proc.returncode == 2 and "--method" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- torchrun / DDP
+@pytest.mark.parametrize("script,method,tiny", [(EBM, "fd_ssm", TINY_EBM),
+                                                (NCSN, "ssm_vr", TINY_NCSN)],
+                         ids=["ebm-fd_ssm-ddp", "ncsn-ssm_vr-manual-allreduce"])
+def test_torchrun_two_processes_stay_in_sync(tmp_path, script, method, tiny):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           script, "--method", method, "--steps", "3", "--out", out, *tiny]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["world_size"] == 2
+    assert m["ranks_max_param_difference"] == 0.0
+    # The checkpoint differs from the initial parameters: the ranks really trained.
+    assert read_ckpt(out)["step"] == 3
+
+
+def test_batches_shard_each_epoch_permutation():
+    training = common("training")
+    d0, d1 = training.Dist(0, 2), training.Dist(1, 2)
+    for step in range(5):  # 3 batches of 8 per epoch from 25 images: crosses epochs
+        a = training.batch_indices(25, 8, step, 0, d0)
+        b = training.batch_indices(25, 8, step, 0, d1)
+        whole = training.batch_indices(25, 8, step, 0, training.Dist())
+        assert len(a) == len(b) == 4 and set(a.tolist()) | set(b.tolist()) == set(whole.tolist())
+    epoch0 = torch.cat([training.batch_indices(25, 8, s, 0, training.Dist()) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 24
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    training = common("training")
+    path = str(tmp_path / "f.bin")
+    training.atomic_write(path, lambda f: f.write(b"old"))
+
+    def boom(f):
+        f.write(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        training.atomic_write(path, boom)
+    assert open(path, "rb").read() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+# --------------------------------------------------------------------------- data
+def _write_idx_by_hand(path, arr):
+    """Independent IDX writer (unsigned bytes, 0x08) used to check the reader."""
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_read_idx_gzip(tmp_path):
+    data = common("data")
+    arr = np.random.RandomState(0).randint(0, 256, size=(5, 28, 28)).astype(np.uint8)
+    _write_idx_by_hand(str(tmp_path / "a.gz"), arr)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "a.gz")), arr)
+    labels = np.arange(7, dtype=np.int32)
+    data.write_idx(str(tmp_path / "b.gz"), labels)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "b.gz")), labels)
+    data.write_idx(str(tmp_path / "c"), arr)  # uncompressed
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "c")), arr)
+
+
+def test_read_idx_rejects_corrupt_files(tmp_path):
+    data = common("data")
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(data.DataError, match="magic"):
+        data.read_idx(str(tmp_path / "bad.gz"))
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(struct.pack(">HBBII", 0, 0x08, 2, 3, 3) + b"\x00" * 5)
+    with pytest.raises(data.DataError, match="size mismatch"):
+        data.read_idx(str(tmp_path / "short.gz"))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_load_idx_dataset(tmp_path, name):
+    data = common("data")
+    rs = np.random.RandomState(1)
+    train, test = rs.randint(0, 256, (12, 28, 28)), rs.randint(0, 256, (4, 28, 28))
+    _write_idx_by_hand(str(tmp_path / "train-images-idx3-ubyte.gz"), train)
+    _write_idx_by_hand(str(tmp_path / "t10k-images-idx3-ubyte.gz"), test)
+    tr, te = data.load_dataset(name, str(tmp_path), limit=10)
+    assert tr.shape == (10, 1, 28, 28) and te.shape == (4, 1, 28, 28)
+    assert tr.dtype == torch.float32 and 0 <= tr.min() and tr.max() <= 1
+    torch.testing.assert_close(te[:, 0] * 255, torch.tensor(test, dtype=torch.float32))
+    models = common("models")  # the networks size themselves to 28x28 images
+    assert models.EnergyNet(image_size=28, ch=4)(tr[:2]).shape == (2,)
+    sn = models.ScoreNet([1.0, 0.1], ch=4)
+    assert sn(tr[:2], torch.tensor([0, 1])).shape == (2, 1, 28, 28)
+
+
+def test_digits_split():
+    data = common("data")
+    tr, te = data.load_dataset("digits")
+    assert tr.shape == (1500, 1, 8, 8) and te.shape == (297, 1, 8, 8)
+    assert tr.min() >= 0 and tr.max() <= 1
+
+
+def test_mmd_separates_distributions():
+    metrics = common("metrics")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 10, generator=g), torch.randn(200, 10, generator=g)
+    c = torch.randn(200, 10, generator=g) + 1.0
+    bw = metrics.median_bandwidth(a)
+    assert abs(metrics.mmd2(a, b, bw)) < 0.02 < metrics.mmd2(a, c, bw)
+
+
+# --------------------------------------------------------------------------- bad arguments
+BAD_ARGS = [
+    (EBM, ["--dataset", "cifar"], "invalid choice"),
+    (EBM, ["--method", "magic"], "invalid choice"),
+    (NCSN, ["--method", "fd_dsm"], "invalid choice"),
+    (EBM, ["--steps", "-5"], "must be >= 0"),
+    (NCSN, ["--lr", "-1"], "positive"),
+    (EBM, ["--dataset", "mnist"], "needs --data-dir"),
+    (NCSN, ["--dataset", "mnist", "--data-dir", "{tmp}"], "missing train-images-idx3-ubyte.gz"),
+    (EBM, ["--batch-size", "5000"], "exceeds"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", BAD_ARGS)
+def test_bad_arguments_one_line_error(tmp_path, capsys, script, argv, message):
+    mod = load_script(script)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_bad_arguments_subprocess_has_no_traceback(tmp_path):
+    proc = run(EBM, "--dataset", "fashion_mnist", "--data-dir", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "fashion_mnist" in proc.stderr
+
