@@ -297,9 +297,10 @@ def test_gradcheck_fd_dsm_scalar():
 # opcheck (schema, fake kernels, autograd registration, AOT dispatch)
 
 
-def _opcheck_cases(dtype, device="cpu"):
+def _opcheck_cases(dtype, device="cpu", contiguous=True):
     def r(*shape, seed=0, grad=False):
-        return rand(*shape, dtype=dtype, device=device, seed=seed).requires_grad_(grad)
+        t = rand(*shape, dtype=dtype, device=device, seed=seed, contiguous=contiguous)
+        return t.requires_grad_(grad)
 
     offsets = [0.0, 1.0, -1.0]
     f = torch.ops.fdsm
@@ -323,10 +324,11 @@ def _opcheck_cases(dtype, device="cpu"):
     ]
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("case", range(12))
-def test_opcheck_cpu(dtype, case):
-    op, args = _opcheck_cases(dtype)[case]
+def test_opcheck_cpu(dtype, case, contiguous):
+    op, args = _opcheck_cases(dtype, contiguous=contiguous)[case]
     torch.library.opcheck(op, args)
 
 
