@@ -25,7 +25,7 @@ NCSN = os.path.join(EXAMPLES, "train_ncsn.py")
 
 TINY = ["--limit", "64", "--batch-size", "16", "--threads", "1", "--width", "8",
         "--n-samples", "16", "--no-progress"]
-TINY_EBM = TINY + ["--eval-size", "16", "--sample-stages", "2", "--sample-steps-each", "2"]
+TINY_EBM = TINY + ["--eval-size", "16", "--n-sigmas", "3", "--n-steps-each", "2"]
 TINY_NCSN = TINY + ["--n-sigmas", "3", "--n-steps-each", "2"]
 
 
@@ -71,7 +71,8 @@ def test_ebm_smoke(tmp_path, method):
     for f in ("samples.png", "curves.png", "metrics.json", "checkpoint.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert m["method"] == method and m["steps"] == 3
+    assert m["method"] == method and m["steps"] == 3 and len(m["sigmas"]) == 3
+    assert m["samples_finite"] and m["eval_sigma"] in m["sigmas"]
     assert np.isfinite(m["final_heldout_exact_sm_loss"])
     assert m["seconds_per_iteration"] > 0 and m["peak_rss_mb"] > 0
     assert np.isfinite(m["mmd2_samples_vs_heldout"]) and m["mmd2_init_noise_vs_heldout"] > 0
@@ -89,16 +90,29 @@ def test_ncsn_smoke(tmp_path):
 
 @pytest.mark.parametrize("method", ["ssm", "ssm_vr", "exact", "fd_dsm", "dsm"])
 def test_ebm_loss_methods_step(method):
-    """Every --method gives a finite loss with gradients for the energy network."""
+    """Every --method gives a finite loss with gradients for the noise-conditional energy."""
     ebm = load_script(EBM)
     models = common("models")
     torch.manual_seed(0)
-    net = models.EnergyNet(image_size=8, ch=8)
+    sigmas = torch.tensor([1.0, 0.1, 0.01])
+    net = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas)
     x = torch.rand(4, 1, 8, 8)
-    loss = ebm.make_loss(method, 0.1, 0.1)(net, x, torch.Generator().manual_seed(0))
+    loss = ebm.make_loss(method, sigmas, 0.1)(net, x, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_conditional_energy_net_starts_as_unconditional_over_sigma():
+    """Same initialisation; zero-initialised FiLM: E(x, i) = E(x) / sigma_i at the start."""
+    models = common("models")
+    torch.manual_seed(0)
+    plain = models.EnergyNet(image_size=8, ch=8)
+    torch.manual_seed(0)
+    cond = models.EnergyNet(image_size=8, ch=8, sigmas=[1.0, 0.1])
+    x = torch.rand(3, 1, 8, 8)
+    expected = plain(x) / torch.tensor([1.0, 0.1, 0.1])
+    torch.testing.assert_close(cond(x, torch.tensor([0, 1, 1])), expected)
 
 
 @pytest.mark.parametrize("method", ["ssm_vr", "dsm"])
@@ -238,6 +252,8 @@ def test_load_idx_dataset(tmp_path, name):
     torch.testing.assert_close(te[:, 0] * 255, torch.tensor(test, dtype=torch.float32))
     models = common("models")  # the networks size themselves to 28x28 images
     assert models.EnergyNet(image_size=28, ch=4)(tr[:2]).shape == (2,)
+    cond = models.EnergyNet(image_size=28, ch=4, sigmas=[1.0, 0.1])
+    assert cond(tr[:2], torch.tensor([0, 1])).shape == (2,)
     sn = models.ScoreNet([1.0, 0.1], ch=4)
     assert sn(tr[:2], torch.tensor([0, 1])).shape == (2, 1, 28, 28)
 

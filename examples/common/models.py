@@ -6,7 +6,10 @@ model on a stacked batch [x + v, x - v, ...], and batch statistics would couple 
 - :class:`EnergyNet`: the paper's kind of deep energy model. Residual conv blocks with
   softplus activations (smooth, so second differences of the energy are meaningful), no
   normalisation, and a quadratic head ``E(x) = 1/2 ||h(x)||^2``, which keeps the energy
-  bounded below and growing at infinity.
+  bounded below and growing at infinity. With ``sigmas`` it is noise-conditional, E(x, i):
+  a learned per-level embedding scales and shifts (FiLM) the features after every
+  convolution and the hidden layer of the head, and the energy is divided by sigma_i so the
+  score -grad_x E scales like 1/sigma_i (the energy version of NCSN's output / sigma).
 - :class:`ScoreNet`: a small U-Net score network for noise-conditional training (NCSN).
   Conditioning on the noise level by a learned embedding of the level index that scales and
   shifts every GroupNorm (a FiLM / conditional-norm layer), output divided by sigma
@@ -43,27 +46,70 @@ class EnergyResBlock(nn.Module):
 
 
 class EnergyNet(nn.Module):
-    """Convolutional energy network; ``forward(x)`` returns the energy, shape (B,)."""
+    """Convolutional energy network; ``forward(x)`` returns the energy, shape (B,).
 
-    def __init__(self, in_ch: int = 1, image_size: int = 8, ch: int = 32, head_dim: int = 128):
+    With ``sigmas`` (a decreasing noise ladder) the network is noise-conditional:
+    ``forward(x, labels)`` with ``labels`` a LongTensor (B,) of indices into ``sigmas``
+    returns E(x, i) / sigma_i. Without ``sigmas`` the network (and its initialisation) is
+    the unconditional one.
+    """
+
+    def __init__(self, in_ch: int = 1, image_size: int = 8, ch: int = 32, head_dim: int = 128,
+                 sigmas=None):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_ch, ch, 3, padding=1), EnergyResBlock(ch)]
         size, c = image_size, ch
+        widths = [ch]
         for _ in range(_n_down(image_size, 7 if image_size > 16 else 4)):
             layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), EnergyResBlock(2 * c)]
             size, c = size // 2, 2 * c
+            widths.append(c)
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c * size * size, head_dim)
         self.head = nn.Linear(head_dim, head_dim)
         # Local quadratic term on the full-resolution features (sum of squares per pixel).
         self.local = nn.Conv2d(ch, 8, 1)
+        self.register_buffer(
+            "sigmas", None if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32))
+        if sigmas is not None:
+            self.film_sizes = [*widths, head_dim]
+            # Per-level (scale, shift) for every stage; zero init = the same network at
+            # every level at the start, the levels then differentiate smoothly.
+            self.film = nn.Embedding(len(sigmas), 2 * sum(self.film_sizes))
+            nn.init.zeros_(self.film.weight)
 
-    def forward(self, x):
-        h0 = self.features[:2](x)
-        h = F.softplus(self.features[2:](h0)).flatten(1)
-        h = self.head(F.softplus(self.fc(h)))
+    def forward(self, x, labels=None):
+        if self.sigmas is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional EnergyNet (no sigmas)")
+            h0 = self.features[:2](x)
+            h = F.softplus(self.features[2:](h0)).flatten(1)
+            h = self.head(F.softplus(self.fc(h)))
+        else:
+            if labels is None:
+                raise ValueError("a noise-conditional EnergyNet needs labels")
+            films = self.film(labels).split([2 * n for n in self.film_sizes], dim=1)
+
+            def mod(h, k):
+                scale, shift = films[k].chunk(2, dim=1)
+                if h.dim() == 4:
+                    scale, shift = scale[:, :, None, None], shift[:, :, None, None]
+                return h * (1 + scale) + shift
+
+            h = x
+            for k, layer in enumerate(self.features):
+                h = layer(h)
+                if k % 2 == 0:  # after each convolution (the blocks' input)
+                    h = mod(h, k // 2)
+                if k == 1:
+                    h0 = h
+            h = F.softplus(h).flatten(1)
+            h = self.head(F.softplus(mod(self.fc(h), len(self.film_sizes) - 1)))
         loc = self.local(F.softplus(h0)).flatten(1)
-        return 0.5 * h.pow(2).sum(dim=1) + 0.5 * loc.pow(2).sum(dim=1)
+        energy = 0.5 * h.pow(2).sum(dim=1) + 0.5 * loc.pow(2).sum(dim=1)
+        if self.sigmas is not None:
+            energy = energy / self.sigmas[labels]
+        return energy
 
 
 class CondResBlock(nn.Module):
