@@ -54,6 +54,66 @@ def philox4x32_10(counter: Sequence[Tensor], key: tuple[int, int]) -> list[Tenso
     return [c0, c1, c2, c3]
 
 
+# Float32 constants of the Box-Muller math (csrc/philox.h: log_poly, sincos_2pi), stored as
+# the float32 values the C++ literals round to.
+def _f32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+_LOG_P = [_f32(c) for c in (
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+    -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)]
+_LOG2_LO, _LOG2_HI = _f32(-2.12194440e-4), _f32(0.693359375)
+_SIN_P = [_f32(c) for c in (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)]
+_COS_P = [_f32(c) for c in (2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2)]
+_TWO_PI_F32 = _f32(2.0 * math.pi)
+_SQRT_HALF_BITS = 0x3F3504F3
+
+
+def _uint32_to_float(w: Tensor) -> Tensor:
+    """float32 rounding of uint32 values (held in int64): exact halves, one rounded sum."""
+    return (w >> 16).to(torch.float32) * 65536.0 + (w & 0xFFFF).to(torch.float32)
+
+
+def log_poly(x: Tensor) -> Tensor:
+    """Natural log of positive normal float32 x, as csrc/philox.h::log_poly (Cephes logf):
+    x = 2^e m with m in [sqrt(1/2), sqrt(2)) from the bits, f = m - 1,
+    log x = (f + (f^3 P(f) + e lo) - f^2/2) + e hi, every operation rounded to float32."""
+    shifted = x.view(torch.int32) - _SQRT_HALF_BITS
+    e = (shifted >> 23).to(torch.float32)
+    m = ((shifted & 0x007FFFFF) + _SQRT_HALF_BITS).view(torch.float32)
+    f = m - 1.0
+    p = torch.full_like(f, _LOG_P[0])
+    for c in _LOG_P[1:]:
+        p = p * f + c
+    z = f * f
+    y = (f * z) * p
+    y = y + e * _LOG2_LO
+    y = y - 0.5 * z
+    return (f + y) + e * _LOG2_HI
+
+
+def sincos_2pi(u: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos 2 pi u, sin 2 pi u) for float32 u in [0, 1], as csrc/philox.h::sincos_2pi:
+    q = trunc(4u + 1/2), x = 2 pi (u - q/4) in [-pi/4, pi/4], Cephes sin/cos polynomials,
+    quadrant q mod 4 selects and negates them."""
+    q = (u * 4.0 + 0.5).to(torch.int32)
+    x = (u - q.to(torch.float32) * 0.25) * _TWO_PI_F32
+    z = x * x
+    ps = torch.full_like(z, _SIN_P[0])
+    for c in _SIN_P[1:]:
+        ps = ps * z + c
+    s = (ps * z) * x + x
+    pc = torch.full_like(z, _COS_P[0])
+    for c in _COS_P[1:]:
+        pc = pc * z + c
+    c = ((pc * z) * z - 0.5 * z) + 1.0
+    odd = (q & 1) != 0
+    cos_abs, sin_abs = torch.where(odd, s, c), torch.where(odd, c, s)
+    return (torch.where(((q + 1) & 2) != 0, -cos_abs, cos_abs),
+            torch.where((q & 2) != 0, -sin_abs, sin_abs))
+
+
 def philox_directions(seed: int, rows: int, d: int, noise: str) -> Tensor:
     """Unscaled directions g (rows, d), float32: N(0, 1) for sphere/gaussian, +-1 for rademacher.
 
@@ -61,8 +121,11 @@ def philox_directions(seed: int, rows: int, d: int, noise: str) -> Tensor:
     (seed mod 2^32, seed >> 32) and counter (i // 4, r, 0, 0) gives four words o0..o3;
     element i uses word i % 4 (rademacher: +1 if its lowest bit is set, else -1) or, for
     normals, Box-Muller in float32 on the pair (o0, o1) for i % 4 in {0, 1} and (o2, o3)
-    for {2, 3}: u1 = (o_even + 1) 2^-32, u2 = o_odd 2^-32,
-    n_even = sqrt(-2 log u1) cos(2 pi u2), n_odd = sqrt(-2 log u1) sin(2 pi u2).
+    for {2, 3}: u1 = (float32(o_even) + 1) 2^-32, u2 = float32(o_odd) 2^-32,
+    n_even = sqrt(-2 log u1) cos(2 pi u2), n_odd = sqrt(-2 log u1) sin(2 pi u2), where log
+    and (cos, sin)(2 pi .) are the fixed float32 polynomial recipes log_poly and sincos_2pi
+    (shared with the C++/CUDA kernels, within ~1 ulp of the exact functions), so the
+    compiled ops reproduce these values bit for bit.
     """
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
     i = torch.arange(d, dtype=torch.int64)
@@ -74,11 +137,14 @@ def philox_directions(seed: int, rows: int, d: int, noise: str) -> Tensor:
         return torch.where((w & 1) == 1, 1.0, -1.0).to(torch.float32)
     normals = []
     for even, odd in ((words[0], words[1]), (words[2], words[3])):
-        u1 = (even.to(torch.float32) + 1.0) * 2.0**-32
-        u2 = odd.to(torch.float32) * 2.0**-32
-        radius = torch.sqrt(-2.0 * torch.log(u1))
-        angle = 2.0 * math.pi * u2
-        normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
+        even, odd = torch.broadcast_tensors(even, odd)
+        u1 = (_uint32_to_float(even) + 1.0) * 2.0**-32
+        u2 = _uint32_to_float(odd) * 2.0**-32
+        # sqrt in float64 rounded to float32 is the correctly rounded float32 sqrt (as C++
+        # sqrtf); torch's float32 CPU sqrt can be 1 ulp off.
+        radius = torch.sqrt((-2.0 * log_poly(u1)).double()).float()
+        cos, sin = sincos_2pi(u2)
+        normals += [radius * cos, radius * sin]
     stacked = torch.stack(torch.broadcast_tensors(*normals), dim=-1)
     return stacked.gather(-1, lane[..., None])[..., 0]
 

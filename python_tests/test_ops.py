@@ -104,10 +104,10 @@ def test_directions_match_reference(noise, seed):
     _, v = ops.random_stencil_batch(x, seed_tensor(seed), [1.0], n_proj, noise, 0.1)
     g = ref.philox_directions(seed % 2**64, n_proj * batch, d, noise)
     expected = ref.scale_directions(g, noise, 0.1)
-    if noise == "rademacher":
-        torch.testing.assert_close(v, expected, rtol=0, atol=1e-9)
-    else:
-        torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-7)
+    if noise == "sphere":  # only the row norm's summation order differs
+        torch.testing.assert_close(v, expected, rtol=2e-6, atol=1e-9)
+    else:  # same float32 recipe (polynomial log/sincos in csrc/philox.h): bit-identical
+        torch.testing.assert_close(v, expected, rtol=0, atol=0)
 
 
 def test_directions_statistics():
