@@ -8,8 +8,6 @@ B = 128 samples of shape (3, 32, 32) (d = 3072), float32, K = 3 stencil blocks (
   and the K shifted copies in one pass) against ``randn`` + ``norm`` + scale + ``cat``;
 * reductions: ``fd_combine``, ``fd_ssm_scalar``, ``fd_ssm_score``, ``fd_dsm_scalar`` against
   the obvious torch expressions (``fdsm_ext.reference``, the test oracle);
-* (this module absorbs the earlier ``benchmarks/bench_ops.py``: its three forward-only
-  cases are the "(forward)" rows here; ``python -m benchmarks.bench_ops`` now runs this);
 * the whole ``fd_ssm_loss`` + backward of a small conv EBM: the time spent outside the
   model's own forward/backward (measured by timing the model alone on the stacked batch),
   for the library and for a plain-PyTorch FD-SSM in the style of the authors' code.
