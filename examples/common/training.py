@@ -250,7 +250,7 @@ def load_checkpoint(path: str, map_location) -> dict:
 
 # Options that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "eps", "sigma",
-                     "width", "n_sigmas", "sigma_max", "sigma_min")
+                     "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min")
 
 
 def check_resume_args(p: argparse.ArgumentParser, saved: dict, args) -> None:
