@@ -278,12 +278,16 @@ std::tuple<at::Tensor, at::Tensor> stencil_batch_backward_cpu(const at::Tensor& 
           for (int64_t i = 0; i < d; ++i) acc_x[i] += static_cast<acc_t>(row[i]);
         }
         for (int64_t p = 0; p < L.n_proj; ++p) {
-          std::fill(acc_v.begin(), acc_v.end(), acc_t(0));
+          if (gvp != nullptr) std::fill(acc_v.begin(), acc_v.end(), acc_t(0));
           const int64_t r = p * B + b;
           for (int k = 0; k < L.n_offsets; ++k) {
             if (L.gamma[k] == 0.0) continue;
             const acc_t gamma = static_cast<acc_t>(L.gamma[k]);
             const scalar_t* row = gp + (L.start[k] + r) * d;
+            if (gvp == nullptr) {  // random directions: v has no gradient to accumulate
+              for (int64_t i = 0; i < d; ++i) acc_x[i] += static_cast<acc_t>(row[i]);
+              continue;
+            }
             for (int64_t i = 0; i < d; ++i) {
               const acc_t val = static_cast<acc_t>(row[i]);
               acc_x[i] += val;
