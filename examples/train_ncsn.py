@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import data as data_lib  # noqa: E402
 from common import metrics, training  # noqa: E402
 from common.models import ScoreNet  # noqa: E402
 
@@ -71,18 +70,7 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    training.validate_common(parser, args)
-    if args.sigma_min >= args.sigma_max and args.n_sigmas > 1:
-        parser.error("--sigma-min must be smaller than --sigma-max")
-    try:
-        train_x, test_x = data_lib.load_dataset(args.dataset, args.data_dir, limit=args.limit)
-    except data_lib.DataError as e:
-        parser.error(str(e))
-    if args.batch_size > len(train_x):
-        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_x)} training images")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, train_x, test_x = training.parse_and_load(parser, argv)
 
     from fdsm_ext import annealed_langevin_dynamics, geometric_sigmas, noise_conditional_loss
 

@@ -101,6 +101,29 @@ def validate_common(p: argparse.ArgumentParser, args) -> None:
 
 
 # ----------------------------------------------------------------------------- distributed
+def parse_and_load(parser: argparse.ArgumentParser, argv) -> tuple:
+    """Parse and check the arguments shared by both scripts, load the data set, set threads.
+
+    Every problem ends in ``parser.error`` (one line, exit code 2). Returns
+    ``(args, train_x, test_x)``.
+    """
+    from . import data as data_lib
+
+    args = parser.parse_args(argv)
+    validate_common(parser, args)
+    if args.sigma_min >= args.sigma_max and args.n_sigmas > 1:
+        parser.error("--sigma-min must be smaller than --sigma-max")
+    try:
+        train_x, test_x = data_lib.load_dataset(args.dataset, args.data_dir, limit=args.limit)
+    except data_lib.DataError as e:
+        parser.error(str(e))
+    if args.batch_size > len(train_x):
+        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_x)} training images")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, train_x, test_x
+
+
 @dataclasses.dataclass
 class Dist:
     rank: int = 0
