@@ -55,12 +55,13 @@ def build_parser():
 def make_loss(method: str, sigmas: torch.Tensor, eps: float):
     from fdsm_ext import noise_conditional_loss
 
+    # output="score": FD-SSM then stacks only [x+v, x-v] (2B rows), no centre block.
     if method == "fd_ssm":
-        kw = {"method": "fd_ssm", "eps": eps, "variance_reduction": True}
+        kw = {"method": "fd_ssm", "eps": eps, "variance_reduction": True, "output": "score"}
     elif method == "ssm_vr":
-        kw = {"method": "ssm", "variance_reduction": True}
+        kw = {"method": "ssm", "variance_reduction": True, "output": "score"}
     else:
-        kw = {"method": "dsm"}
+        kw = {"method": "dsm", "output": "score"}
 
     def loss_fn(net, x, g):
         return noise_conditional_loss(net, x, sigmas, generator=g, **kw)
