@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import metrics, training  # noqa: E402
+from common import training  # noqa: E402
 from common.models import EnergyNet  # noqa: E402
 
 METHODS = ("fd_ssm", "fd_dsm", "ssm", "ssm_vr", "dsm", "exact")
@@ -103,7 +102,7 @@ def main(argv=None):
     args, train_x, test_x = training.parse_and_load(parser, argv)
 
     import fdsm_ext
-    from fdsm_ext import annealed_langevin_dynamics, geometric_sigmas
+    from fdsm_ext import geometric_sigmas
 
     d = training.setup_distributed(args.device)
     training.seed_everything(args.seed)
@@ -136,41 +135,14 @@ def main(argv=None):
     if not d.is_main:
         return 0
 
-    model.eval()
-    g = torch.Generator(device=d.device).manual_seed(args.seed + 99)
-    x0 = torch.rand((args.n_samples, *train_x.shape[1:]), generator=g, device=d.device)
-    t0 = time.perf_counter()
-    samples = annealed_langevin_dynamics(model, x0, sigmas, args.n_steps_each, args.step_lr,
-                                         output="energy", denoise=True, generator=g,
-                                         progress=not args.no_progress)
-    sample_time = time.perf_counter() - t0
-    samples = samples.detach().cpu()
-    metrics.save_image_grid(os.path.join(args.out, "samples.png"), samples[:100],
-                            title=f"EBM ({args.method}), annealed Langevin samples")
-    metrics.save_curves(os.path.join(args.out, "curves.png"), history,
-                        train_label=f"training loss ({args.method})",
-                        eval_label=f"held-out exact SM loss (J_SM, sigma {eval_sigma:.3g})")
-    result = {
-        "method": args.method, "dataset": args.dataset, "steps": args.steps,
-        "batch_size": args.batch_size, "world_size": d.world_size,
-        "eps": args.eps, "n_projections": args.n_projections,
-        "sigmas": sigmas.tolist(), "eval_sigma": eval_sigma,
-        "n_steps_each": args.n_steps_each, "step_lr": args.step_lr,
-        "final_heldout_exact_sm_loss": history["eval"][-1][1] if history["eval"] else None,
-        "final_train_loss": history["train"][-1][1] if history["train"] else None,
-        "seconds_per_iteration": sec_per_iter,
-        "sampling_seconds": sample_time,
-        **mem,
-        **metrics.mmd_report(samples, x0.cpu(), test_x),
-        "samples_finite": bool(torch.isfinite(samples).all()),
-        "ranks_max_param_difference": max_diff,
-        "torch_threads": torch.get_num_threads(),
-    }
-    training.save_json(os.path.join(args.out, "metrics.json"), result)
-    print(f"held-out J_SM {result['final_heldout_exact_sm_loss']:.4g}, "
-          f"{1000 * sec_per_iter:.1f} ms/iter, "
-          f"MMD^2 samples {result['mmd2_samples_vs_heldout']:.4g} vs initial noise "
-          f"{result['mmd2_init_noise_vs_heldout']:.4g}; wrote {args.out}/")
+    training.sample_and_report(
+        args=args, model=model, sigmas=sigmas, d=d, output="energy",
+        title=f"EBM ({args.method}), annealed Langevin samples", history=history,
+        train_label=f"training loss ({args.method})",
+        eval_label=f"held-out exact SM loss (J_SM, sigma {eval_sigma:.3g})",
+        eval_key="final_heldout_exact_sm_loss", test_x=test_x, sec_per_iter=sec_per_iter,
+        mem=mem, max_diff=max_diff,
+        extra={"n_projections": args.n_projections, "eval_sigma": eval_sigma})
     return 0
 
 

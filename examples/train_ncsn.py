@@ -16,16 +16,14 @@ Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import metrics, training  # noqa: E402
+from common import training  # noqa: E402
 from common.models import ScoreNet  # noqa: E402
 
 METHODS = ("fd_ssm", "ssm_vr", "dsm")
@@ -73,7 +71,7 @@ def main(argv=None):
     parser = build_parser()
     args, train_x, test_x = training.parse_and_load(parser, argv)
 
-    from fdsm_ext import annealed_langevin_dynamics, geometric_sigmas, noise_conditional_loss
+    from fdsm_ext import geometric_sigmas, noise_conditional_loss
 
     d = training.setup_distributed(args.device)
     training.seed_everything(args.seed)
@@ -104,40 +102,12 @@ def main(argv=None):
     if not d.is_main:
         return 0
 
-    model.eval()
-    g = torch.Generator(device=d.device).manual_seed(args.seed + 99)
-    x0 = torch.rand((args.n_samples, *train_x.shape[1:]), generator=g, device=d.device)
-    t0 = time.perf_counter()
-    samples = annealed_langevin_dynamics(model, x0, sigmas, args.n_steps_each, args.step_lr,
-                                         output="score", denoise=True, generator=g,
-                                         progress=not args.no_progress)
-    sample_time = time.perf_counter() - t0
-    samples = samples.detach().cpu()
-    metrics.save_image_grid(os.path.join(args.out, "samples.png"), samples[:100],
-                            title=f"NCSN ({args.method}), annealed Langevin samples")
-    metrics.save_curves(os.path.join(args.out, "curves.png"), history,
-                        train_label=f"training loss ({args.method}, sigma^2-weighted)",
-                        eval_label="held-out denoising loss (all levels)")
-    final_eval = history["eval"][-1][1] if history["eval"] else None
-    result = {
-        "method": args.method, "dataset": args.dataset, "steps": args.steps,
-        "batch_size": args.batch_size, "world_size": d.world_size, "eps": args.eps,
-        "sigmas": sigmas.tolist(), "n_steps_each": args.n_steps_each, "step_lr": args.step_lr,
-        "final_heldout_dsm_loss": final_eval,
-        "final_train_loss": history["train"][-1][1] if history["train"] else None,
-        "seconds_per_iteration": sec_per_iter,
-        "sampling_seconds": sample_time,
-        **mem,
-        **metrics.mmd_report(samples, x0.cpu(), test_x),
-        "samples_finite": bool(torch.isfinite(samples).all()),
-        "ranks_max_param_difference": max_diff,
-        "torch_threads": torch.get_num_threads(),
-    }
-    training.save_json(os.path.join(args.out, "metrics.json"), result)
-    fmt = (lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.4g}")  # noqa: E731
-    print(f"held-out DSM {fmt(final_eval)}, {1000 * sec_per_iter:.1f} ms/iter, MMD^2 samples "
-          f"{fmt(result['mmd2_samples_vs_heldout'])} vs initial noise "
-          f"{fmt(result['mmd2_init_noise_vs_heldout'])}; wrote {args.out}/")
+    training.sample_and_report(
+        args=args, model=model, sigmas=sigmas, d=d, output="score",
+        title=f"NCSN ({args.method}), annealed Langevin samples", history=history,
+        train_label=f"training loss ({args.method}, sigma^2-weighted)",
+        eval_label="held-out denoising loss (all levels)", eval_key="final_heldout_dsm_loss",
+        test_x=test_x, sec_per_iter=sec_per_iter, mem=mem, max_diff=max_diff, extra={})
     return 0
 
 

@@ -382,3 +382,51 @@ def train(*, args, parser, d: Dist, model, train_data: torch.Tensor, loss_fn, ev
     if start < args.steps or not os.path.exists(ckpt_path):
         checkpoint(max(start, args.steps))
     return history, (train_time / timed_steps if timed_steps else float("nan"))
+
+
+def sample_and_report(*, args, model, sigmas: torch.Tensor, d: Dist, output: str, title: str,
+                      history: dict, train_label: str, eval_label: str, eval_key: str,
+                      test_x: torch.Tensor, sec_per_iter: float, mem: dict, max_diff: float,
+                      extra: dict) -> dict:
+    """Rank 0's ending shared by both scripts: annealed Langevin samples from uniform noise,
+    samples.png, curves.png and metrics.json (``extra`` holds the script's own settings)."""
+    from fdsm_ext import annealed_langevin_dynamics
+
+    from . import metrics
+
+    model.eval()
+    g = torch.Generator(device=d.device).manual_seed(args.seed + 99)
+    x0 = torch.rand((args.n_samples, *test_x.shape[1:]), generator=g, device=d.device)
+    t0 = time.perf_counter()
+    samples = annealed_langevin_dynamics(model, x0, sigmas, args.n_steps_each, args.step_lr,
+                                         output=output, denoise=True, generator=g,
+                                         progress=not args.no_progress)
+    sample_time = time.perf_counter() - t0
+    samples = samples.detach().cpu()
+    metrics.save_image_grid(os.path.join(args.out, "samples.png"), samples[:100], title=title)
+    metrics.save_curves(os.path.join(args.out, "curves.png"), history,
+                        train_label=train_label, eval_label=eval_label)
+    result = {
+        "method": args.method, "dataset": args.dataset, "steps": args.steps,
+        "batch_size": args.batch_size, "world_size": d.world_size, "eps": args.eps,
+        "sigmas": sigmas.tolist(), "n_steps_each": args.n_steps_each, "step_lr": args.step_lr,
+        **extra,
+        eval_key: history["eval"][-1][1] if history["eval"] else None,
+        "final_train_loss": history["train"][-1][1] if history["train"] else None,
+        "seconds_per_iteration": sec_per_iter,
+        "sampling_seconds": sample_time,
+        **mem,
+        **metrics.mmd_report(samples, x0.cpu(), test_x),
+        "samples_finite": bool(torch.isfinite(samples).all()),
+        "ranks_max_param_difference": max_diff,
+        "torch_threads": torch.get_num_threads(),
+    }
+    save_json(os.path.join(args.out, "metrics.json"), result)
+
+    def fmt(v):
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+    print(f"{eval_key} {fmt(result[eval_key])}, {fmt(1000 * sec_per_iter)} ms/iter, MMD^2 "
+          f"samples {fmt(result['mmd2_samples_vs_heldout'])} vs initial noise "
+          f"{fmt(result['mmd2_init_noise_vs_heldout'])}; wrote {args.out}/")
+    return result
