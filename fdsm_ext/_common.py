@@ -24,7 +24,12 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 def check_positive(name: str, value: Any) -> None:
     """value: a finite number > 0 or a tensor of them."""
     if isinstance(value, Tensor):
-        if not value.is_floating_point() or not bool(torch.all(value > 0)):
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be > 0 (floating point), got dtype {value.dtype}")
+        if value.device.type != "cpu":
+            # Checked on the device: reading the result back would sync every training step.
+            torch._assert_async(torch.all(value > 0), f"{name} must be > 0")
+        elif not bool(torch.all(value > 0)):
             raise ValueError(f"{name} must be > 0 (floating point), got {value}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
