@@ -12,6 +12,8 @@ TORCH_LIBRARY(fdsm, m) {
   m.def(
       "stencil_batch_backward(Tensor grad, float[] offsets, int n_projections, "
       "bool compute_grad_v) -> (Tensor, Tensor)");
+  // Test hook (CPU only): the unscaled directions of rows first_row .. first_row + rows - 1.
+  m.def("philox_directions(Tensor seed, int first_row, int rows, int d, str noise) -> Tensor");
   m.def("fd_combine(Tensor y, float[] weights) -> Tensor");
   m.def("fd_combine_backward(Tensor grad, float[] weights) -> Tensor");
   m.def("fd_ssm_scalar(Tensor f, int n_projections, float scale, float sign) -> Tensor");

@@ -47,10 +47,20 @@ FDSM_HOST_DEVICE inline Uint4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_
   return Uint4x32{{c0, c1, c2, c3}};
 }
 
-// Words o0..o3 for elements 4j..4j+3 of row `row`: counter (j, row, 0, 0), key (seed lo, hi).
+// Counter of group j (elements 4j..4j+3) of row r: (j lo, r lo, r hi, j hi), all 64 bits of
+// both, so rows past 2^32 (n_projections * B) never repeat earlier ones. The high words sit
+// where the 32-bit counter (j, r, 0, 0) had zeros: below 2^32 the directions are unchanged.
+FDSM_HOST_DEVICE inline Uint4x32 philox_counter(uint64_t row, uint64_t group) {
+  return Uint4x32{{static_cast<uint32_t>(group), static_cast<uint32_t>(row),
+                   static_cast<uint32_t>(row >> 32), static_cast<uint32_t>(group >> 32)}};
+}
+
+// Words o0..o3 for elements 4j..4j+3 of row `row`: counter philox_counter(row, j), key
+// (seed lo, seed hi).
 FDSM_HOST_DEVICE inline Uint4x32 philox_block(uint64_t seed, uint64_t row, uint64_t group) {
-  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(row), 0u, 0u,
-                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const Uint4x32 c = philox_counter(row, group);
+  return philox4x32_10(c.v[0], c.v[1], c.v[2], c.v[3], static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
 }
 
 FDSM_HOST_DEVICE inline float rademacher_from_word(uint32_t word) {

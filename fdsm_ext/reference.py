@@ -114,11 +114,13 @@ def sincos_2pi(u: Tensor) -> tuple[Tensor, Tensor]:
             torch.where((q & 2) != 0, -sin_abs, sin_abs))
 
 
-def philox_directions(seed: int, rows: int, d: int, noise: str) -> Tensor:
-    """Unscaled directions g (rows, d), float32: N(0, 1) for sphere/gaussian, +-1 for rademacher.
+def philox_directions(seed: int, rows: int, d: int, noise: str, first_row: int = 0) -> Tensor:
+    """Unscaled directions g of rows first_row .. first_row + rows - 1, shape (rows, d),
+    float32: N(0, 1) for sphere/gaussian, +-1 for rademacher.
 
     Element (r, i) is a pure function of (seed, r, i): Philox4x32-10 with key
-    (seed mod 2^32, seed >> 32) and counter (i // 4, r, 0, 0) gives four words o0..o3;
+    (seed mod 2^32, seed >> 32) and counter (j lo, r lo, r hi, j hi) for j = i // 4 (the
+    32-bit halves of j and r; below 2^32 that is (j, r, 0, 0)) gives four words o0..o3;
     element i uses word i % 4 (rademacher: +1 if its lowest bit is set, else -1) or, for
     normals, Box-Muller in float32 on the pair (o0, o1) for i % 4 in {0, 1} and (o2, o3)
     for {2, 3}: u1 = (float32(o_even) + 1) 2^-32, u2 = float32(o_odd) 2^-32,
@@ -128,10 +130,10 @@ def philox_directions(seed: int, rows: int, d: int, noise: str) -> Tensor:
     compiled ops reproduce these values bit for bit.
     """
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
-    i = torch.arange(d, dtype=torch.int64)
-    r = torch.arange(rows, dtype=torch.int64)[:, None]
-    words = philox4x32_10((i // 4, r, 0, 0), key)
-    lane = (i % 4).expand(rows, d)
+    j = torch.arange(d, dtype=torch.int64) // 4
+    r = torch.arange(first_row, first_row + rows, dtype=torch.int64)[:, None]
+    words = philox4x32_10((j & _MASK32, r & _MASK32, r >> 32, j >> 32), key)
+    lane = (torch.arange(d) % 4).expand(rows, d)
     if noise == "rademacher":
         w = torch.stack(torch.broadcast_tensors(*words), dim=-1).gather(-1, lane[..., None])[..., 0]
         return torch.where((w & 1) == 1, 1.0, -1.0).to(torch.float32)

@@ -110,6 +110,58 @@ def test_directions_match_reference(noise, seed):
         torch.testing.assert_close(v, expected, rtol=0, atol=0)
 
 
+def philox_directions_op(seed: int, first_row: int, rows: int, d: int, noise: str):
+    """The compiled CPU draws of rows first_row .. first_row + rows - 1 (test hook op)."""
+    return torch.ops.fdsm.philox_directions(seed_tensor(seed), first_row, rows, d, noise)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_directions_hook_draws_what_random_stencil_batch_draws(noise):
+    batch, d, n_proj = 3, 37, 2
+    _, v = ops.random_stencil_batch(torch.zeros(batch, d), seed_tensor(5), [1.0], n_proj, noise,
+                                    0.1)
+    g = philox_directions_op(5, 0, n_proj * batch, d, noise)
+    torch.testing.assert_close(v, ref.scale_directions(g, noise, 0.1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("noise", ref.NOISES)
+@pytest.mark.parametrize("d", [37, 301])  # 10 groups; 76 groups (a 64-group chunk and a tail)
+@pytest.mark.parametrize("first_row", [2**32 - 3, 2**33 + 2**32 + 7, 2**62])
+def test_directions_past_2_32_rows_match_reference(noise, d, first_row):
+    # The counter carries the row's high word: rows past 2^32 (n_projections * B) are new
+    # draws, identical to the oracle's, not repeats of rows mod 2^32.
+    seed = 2**40 + 99
+    g = philox_directions_op(seed, first_row, 6, d, noise)
+    expected = ref.philox_directions(seed, 6, d, noise, first_row=first_row)
+    torch.testing.assert_close(g, expected, rtol=0, atol=0)
+    last = first_row + 5  # past 2^32 in every case; a 32-bit counter would give this row:
+    wrapped = philox_directions_op(seed, last % 2**32, 1, d, noise)
+    assert not torch.equal(g[-1:], wrapped)
+
+
+def test_reference_counter_layout_past_2_32_rows():
+    # Row r, group j use counter (j lo, r lo, r hi, j hi): row 2^32 + 5 is counter (j, 5, 1, 0).
+    seed, d = 12345, 8
+    g = ref.philox_directions(seed, 1, d, "rademacher", first_row=2**32 + 5)
+    for j in range(d // 4):
+        words = ref.philox4x32_10([torch.tensor(c) for c in (j, 5, 1, 0)], (seed, 0))
+        expected = [1.0 if int(w) & 1 else -1.0 for w in words]
+        assert g[0, 4 * j:4 * j + 4].tolist() == expected
+    # below 2^32 the high words are zero: the 32-bit counter (j, r, 0, 0) of earlier versions
+    g_low = ref.philox_directions(seed, 1, 4, "rademacher", first_row=5)
+    words = ref.philox4x32_10([torch.tensor(c) for c in (0, 5, 0, 0)], (seed, 0))
+    assert g_low[0].tolist() == [1.0 if int(w) & 1 else -1.0 for w in words]
+
+
+def test_directions_hook_rejects_bad_rows():
+    with pytest.raises(RuntimeError, match="philox_directions: need first_row >= 0"):
+        philox_directions_op(0, -1, 2, 4, "gaussian")
+    with pytest.raises(RuntimeError, match="philox_directions: need first_row >= 0"):
+        philox_directions_op(0, 2**63 - 2, 4, 4, "gaussian")
+    with pytest.raises(RuntimeError, match="philox_directions: d must be >= 1"):
+        philox_directions_op(0, 0, 2, 0, "gaussian")
+
+
 def test_directions_statistics():
     x = torch.zeros(4000, 8)
     _, v = ops.random_stencil_batch(x, seed_tensor(7), [1.0], 1, "gaussian", math.sqrt(8))

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string_view>
 #include <vector>
 
@@ -55,12 +56,16 @@ void write_stencil_rows(const StencilLayout& L, int64_t r, int64_t d, const scal
 constexpr int64_t kPhiloxChunk = 64;
 
 #if FDSM_X86_DISPATCH
-// Philox4x32-10 on eight counters (group0 + j, row, 0, 0) at a time. The 32x32->64
+// philox_block(seed, row, group0 + j) for j < len, eight counters at a time. The 32x32->64
 // products of even and odd lanes are two vpmuludq, recombined by shifts and blends: no
 // lane-crossing shuffles (g++'s own vectorisation of philox4x32_10 needs many), ~2x faster.
-__attribute__((target("avx2"))) void philox_chunk_avx2(uint32_t group0, uint32_t row,
-                                                       uint32_t k0, uint32_t k1, int64_t len,
+// group0 is a multiple of kPhiloxChunk >= len, so within a chunk only the counter's low group
+// word changes (it cannot wrap): the other three words are broadcast.
+__attribute__((target("avx2"))) void philox_chunk_avx2(uint64_t seed, uint64_t row,
+                                                       uint64_t group0, int64_t len,
                                                        uint32_t (*w)[kPhiloxChunk]) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const Uint4x32 counter0 = philox_counter(row, group0);
   const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
   __m256i key0[10], key1[10];
   for (int round = 0; round < 10; ++round) {
@@ -70,9 +75,11 @@ __attribute__((target("avx2"))) void philox_chunk_avx2(uint32_t group0, uint32_t
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(group0 + j)), lanes);
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(row));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    __m256i c0 =
+        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(counter0.v[0] + j)), lanes);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(counter0.v[1]));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(counter0.v[2]));
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(counter0.v[3]));
     for (int round = 0; round < 10; ++round) {
       const __m256i even0 = _mm256_mul_epu32(c0, m0);
       const __m256i odd0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
@@ -93,7 +100,7 @@ __attribute__((target("avx2"))) void philox_chunk_avx2(uint32_t group0, uint32_t
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[3] + j), c3);
   }
   for (; j < len; ++j) {
-    const Uint4x32 o = philox4x32_10(group0 + static_cast<uint32_t>(j), row, 0u, 0u, k0, k1);
+    const Uint4x32 o = philox_block(seed, row, group0 + static_cast<uint64_t>(j));
     for (int lane = 0; lane < 4; ++lane) w[lane][j] = o.v[lane];
   }
 }
@@ -111,19 +118,16 @@ __attribute__((always_inline)) inline void philox_directions_row_impl(uint64_t s
                                                                       Noise noise, float* g) {
   alignas(64) uint32_t w[4][kPhiloxChunk];
   alignas(64) float n[4][kPhiloxChunk];
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t c1 = static_cast<uint32_t>(row);
   for (int64_t j0 = 0; j0 < groups; j0 += kPhiloxChunk) {
     const int64_t len = std::min(kPhiloxChunk, groups - j0);
-    const uint32_t c0 = static_cast<uint32_t>(j0);
 #if FDSM_X86_DISPATCH
     if constexpr (kAvx2) {
-      philox_chunk_avx2(c0, c1, k0, k1, len, w);
+      philox_chunk_avx2(seed, row, static_cast<uint64_t>(j0), len, w);
     } else
 #endif
     {
       for (int64_t j = 0; j < len; ++j) {
-        const Uint4x32 o = philox4x32_10(c0 + static_cast<uint32_t>(j), c1, 0u, 0u, k0, k1);
+        const Uint4x32 o = philox_block(seed, row, static_cast<uint64_t>(j0 + j));
         w[0][j] = o.v[0];
         w[1][j] = o.v[1];
         w[2][j] = o.v[2];
@@ -250,6 +254,34 @@ std::tuple<at::Tensor, at::Tensor> random_stencil_batch_cpu(const at::Tensor& x_
   return {out, v};
 }
 
+// The unscaled directions g (float32, shape (rows, d)) of rows first_row .. first_row +
+// rows - 1: what random_stencil_batch draws for those rows. A test hook: it checks rows past
+// 2^32 against fdsm_ext.reference.philox_directions without allocating 2^32 rows.
+at::Tensor philox_directions_cpu(const at::Tensor& seed_t, int64_t first_row, int64_t rows,
+                                 int64_t d, c10::string_view noise_name) {
+  TORCH_CHECK(seed_t.scalar_type() == at::kLong && seed_t.numel() == 1,
+              "philox_directions: seed must be an int64 tensor of shape (1,), got ",
+              seed_t.scalar_type(), " of shape ", seed_t.sizes());
+  TORCH_CHECK(first_row >= 0 && rows >= 0 &&
+                  rows <= std::numeric_limits<int64_t>::max() - first_row,
+              "philox_directions: need first_row >= 0 and rows >= 0 with first_row + rows < "
+              "2^63, got first_row=", first_row, ", rows=", rows);
+  TORCH_CHECK(d >= 1, "philox_directions: d must be >= 1, got ", d);
+  const Noise noise = parse_noise(std::string_view(noise_name.data(), noise_name.size()));
+  const uint64_t seed = static_cast<uint64_t>(seed_t.reshape({1}).const_data_ptr<int64_t>()[0]);
+  const int64_t groups = (d + 3) / 4;
+  at::Tensor g = at::empty({rows, 4 * groups}, seed_t.options().dtype(at::kFloat));
+  float* gp = g.mutable_data_ptr<float>();
+  const DirectionsRowFn directions_row = directions_row_fn();
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      directions_row(seed, static_cast<uint64_t>(first_row + r), groups, noise,
+                     gp + r * 4 * groups);
+    }
+  });
+  return g.narrow(1, 0, d).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> stencil_batch_backward_cpu(const at::Tensor& grad_in,
                                                               at::ArrayRef<double> offsets,
                                                               int64_t n_projections,
@@ -311,6 +343,7 @@ TORCH_LIBRARY_IMPL(fdsm, CPU, m) {
   m.impl("stencil_batch", &stencil_batch_cpu);
   m.impl("random_stencil_batch", &random_stencil_batch_cpu);
   m.impl("stencil_batch_backward", &stencil_batch_backward_cpu);
+  m.impl("philox_directions", &philox_directions_cpu);
 }
 
 }  // namespace fdsm
