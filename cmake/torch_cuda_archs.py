@@ -8,7 +8,7 @@ importing torch may write its own warnings to stderr.)
 * ``TORCH_CUDA_ARCH_LIST`` set: its entries are read exactly as torch.utils.cpp_extension
   reads them (``"8.0;8.6+PTX"``, ``"8.0 9.0"``, named entries such as ``"Ampere"``), by torch
   itself; an entry torch does not know is an error. ``native`` is CMake's ``native``: the
-  GPUs of this machine.
+  GPUs of this machine (an error when torch sees none).
 * otherwise: a cubin (``-real``) for every architecture that torch itself was built for and
   nvcc can compile, plus PTX (``-virtual``) for the newest of them, which newer GPUs
   JIT-compile. A cubin runs on GPUs of its major version with the same or a newer minor, so
@@ -45,9 +45,15 @@ def check_nvcc_supports(archs: list[str], nvcc_archs: list[int]) -> None:
 
 def archs_from_env(value: str) -> list[str]:
     """CMake architectures for TORCH_CUDA_ARCH_LIST=value, mapped by torch's own parser."""
-    if value.strip() == "native":
-        return ["native"]
+    import torch
     from torch.utils import cpp_extension
+
+    if value.strip() == "native":
+        # Without a GPU, nvcc -arch=native only warns and compiles for its oldest architecture.
+        if torch.cuda.device_count() == 0:
+            raise ValueError("TORCH_CUDA_ARCH_LIST='native' but torch sees no GPU on this "
+                             "machine; name the architectures (e.g. \"8.0;9.0+PTX\")")
+        return ["native"]
 
     parse = getattr(cpp_extension, "_get_cuda_arch_flags", None)
     if parse is None:

@@ -71,11 +71,19 @@ def test_torch_build_archs_without_a_gpu():
     # torch.utils.cpp_extension's named architectures: Ampere = "8.0;8.6+PTX".
     ("Ampere", ["80-real", "86-real", "86-virtual"]),
     ("Turing;Hopper", ["75-real", "75-virtual", "90-real", "90-virtual"]),
-    ("native", ["native"]),
 ])
 def test_torch_cuda_arch_list_is_read_as_torch_reads_it(monkeypatch, value, expected):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
     assert archs.archs_from_env(value) == expected
+
+
+def test_native_archs_need_a_gpu(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")
+    if torch.cuda.device_count() > 0:
+        assert archs.archs_from_env("native") == ["native"]
+    else:
+        with pytest.raises(ValueError, match="'native' but torch sees no GPU"):
+            archs.archs_from_env("native")
 
 
 @pytest.mark.parametrize("value", ["Amper", "8.0;sm_90", "Ampere-real"])
