@@ -11,6 +11,16 @@
 
 #include "launchers.h"
 
+// Every launch goes through FDSM_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...):
+// <<<...>>> under nvcc; the host emulation of the kernels (python_tests/cuda_emulation, g++)
+// defines it as its fiber launcher before including this file.
+#ifdef __CUDACC__
+#define FDSM_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  kernel<<<grid, block, shared_bytes, stream>>>
+#elif !defined(FDSM_LAUNCH)
+#error "the .cu files are compiled by nvcc, or by g++ with python_tests/cuda_emulation/emulator.h"
+#endif
+
 namespace fdsm {
 
 template <typename T>

@@ -55,7 +55,7 @@ cudaError_t launch_fd_dsm_scalar(DType dtype, const void* f, const void* v, cons
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type_t<scalar_t>;
-    fd_dsm_scalar_kernel<scalar_t><<<grid_rows(B), threads, 0, stream>>>(
+    FDSM_LAUNCH(fd_dsm_scalar_kernel<scalar_t>, grid_rows(B), threads, 0, stream)(
         static_cast<const scalar_t*>(f), static_cast<const scalar_t*>(v),
         static_cast<const scalar_t*>(target), static_cast<acc_t*>(loss),
         static_cast<acc_t*>(residual), B, d, scale, sign);
@@ -67,11 +67,11 @@ cudaError_t launch_fd_dsm_scalar_backward(DType dtype, const void* grad, const v
                                           cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (dtype == DType::Double) {
-    fd_dsm_scalar_backward_kernel<double><<<grid_for(B), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_dsm_scalar_backward_kernel<double>, grid_for(B), kThreads, 0, stream)(
         static_cast<const double*>(grad), static_cast<const double*>(residual),
         static_cast<double*>(grad_f), B, scale, sign);
   } else if (dtype == DType::Float) {
-    fd_dsm_scalar_backward_kernel<float><<<grid_for(B), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_dsm_scalar_backward_kernel<float>, grid_for(B), kThreads, 0, stream)(
         static_cast<const float*>(grad), static_cast<const float*>(residual),
         static_cast<float*>(grad_f), B, scale, sign);
   } else {

@@ -119,7 +119,7 @@ cudaError_t launch_fd_ssm_scalar(DType dtype, const void* f, void* loss, int64_t
   if (B == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_scalar_kernel<scalar_t><<<grid_for(B), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_ssm_scalar_kernel<scalar_t>, grid_for(B), kThreads, 0, stream)(
         static_cast<const scalar_t*>(f), static_cast<acc_type_t<scalar_t>*>(loss), B, P, scale,
         sign);
   });
@@ -131,7 +131,7 @@ cudaError_t launch_fd_ssm_scalar_backward(DType dtype, const void* grad, const v
   if (B == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_scalar_backward_kernel<scalar_t><<<grid_for(B), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_ssm_scalar_backward_kernel<scalar_t>, grid_for(B), kThreads, 0, stream)(
         static_cast<const acc_type_t<scalar_t>*>(grad), static_cast<const scalar_t*>(f),
         static_cast<scalar_t*>(grad_f), B, P, scale, sign);
   });
@@ -143,7 +143,7 @@ cudaError_t launch_fd_ssm_score(DType dtype, const void* s, const void* v, void*
   if (B == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_score_kernel<scalar_t><<<grid_rows(B), threads_for_row(d), 0, stream>>>(
+    FDSM_LAUNCH(fd_ssm_score_kernel<scalar_t>, grid_rows(B), threads_for_row(d), 0, stream)(
         static_cast<const scalar_t*>(s), static_cast<const scalar_t*>(v),
         static_cast<acc_type_t<scalar_t>*>(loss), B, P, d, variance_reduction, scale);
   });
@@ -156,7 +156,7 @@ cudaError_t launch_fd_ssm_score_backward(DType dtype, const void* grad, const vo
   if (B == 0 || d == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_score_backward_kernel<scalar_t><<<grid_rows(P * B), threads_for_row(d), 0, stream>>>(
+    FDSM_LAUNCH(fd_ssm_score_backward_kernel<scalar_t>, grid_rows(P * B), threads_for_row(d), 0, stream)(
         static_cast<const acc_type_t<scalar_t>*>(grad), static_cast<const scalar_t*>(s),
         static_cast<const scalar_t*>(v), static_cast<scalar_t*>(grad_s), B, P, d,
         variance_reduction, scale);

@@ -124,7 +124,7 @@ cudaError_t launch_stencil_batch(DType dtype, const void* x, const void* v, void
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    stencil_batch_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(stencil_batch_kernel<scalar_t>, grid_for(n), kThreads, 0, stream)(
         static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(v),
         static_cast<scalar_t*>(out), L, d);
   });
@@ -140,7 +140,7 @@ cudaError_t launch_random_stencil_batch(DType dtype, const void* x, const int64_
   const int threads = groups >= 256 ? 256 : (groups >= 128 ? 128 : (groups >= 64 ? 64 : 32));
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    random_stencil_batch_kernel<scalar_t><<<grid_rows(rows), threads, 0, stream>>>(
+    FDSM_LAUNCH(random_stencil_batch_kernel<scalar_t>, grid_rows(rows), threads, 0, stream)(
         static_cast<const scalar_t*>(x), seed, static_cast<scalar_t*>(out),
         static_cast<scalar_t*>(v), L, d, noise, eps);
   });
@@ -153,7 +153,7 @@ cudaError_t launch_stencil_batch_backward(DType dtype, const void* grad, void* g
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    stencil_batch_backward_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(stencil_batch_backward_kernel<scalar_t>, grid_for(n), kThreads, 0, stream)(
         static_cast<const scalar_t*>(grad), static_cast<scalar_t*>(grad_x),
         static_cast<scalar_t*>(grad_v), L, d);
   });
