@@ -170,12 +170,9 @@ def test_random_stencil_batch(capped, dtype, shape, noise):
     B, d, P, offsets = SHAPES[shape]
     x = rand(B, d, dtype=dtype, seed=0)
     seed = torch.tensor([2**40 + 7], dtype=torch.int64)
-    got = capped.random_stencil_batch(x, seed, offsets, P, noise, 0.1)
-    expected = ops.random_stencil_batch(x, seed, offsets, P, noise, 0.1)
-    if noise == "sphere":  # the row norm is summed in another order
-        torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-9)
-    else:
-        assert_bitwise(got, expected)
+    # The sphere's row norm is summed in the same order on both (csrc/sphere_norm.h).
+    assert_bitwise(capped.random_stencil_batch(x, seed, offsets, P, noise, 0.1),
+                   ops.random_stencil_batch(x, seed, offsets, P, noise, 0.1))
 
 
 @dtypes

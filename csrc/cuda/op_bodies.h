@@ -135,10 +135,12 @@ inline at::Tensor run_fd_ssm_score(const at::Tensor& s_in, const at::Tensor& v_i
                                    cudaStream_t stream, LaunchCheck check) {
   const at::Tensor s = s_in.contiguous();
   const at::Tensor v = v_in.contiguous();
-  at::Tensor loss = at::empty({B}, s.options().dtype(acc_dtype(s.scalar_type())));
+  const auto acc_options = s.options().dtype(acc_dtype(s.scalar_type()));
+  at::Tensor terms = at::empty({n_projections * B}, acc_options);
+  at::Tensor loss = at::empty({B}, acc_options);
   check(launch_fd_ssm_score(to_dtype(s.scalar_type()), s.const_data_ptr(), v.const_data_ptr(),
-                            loss.mutable_data_ptr(), B, n_projections, s.size(1),
-                            variance_reduction, scale, stream));
+                            terms.mutable_data_ptr(), loss.mutable_data_ptr(), B, n_projections,
+                            s.size(1), variance_reduction, scale, stream));
   return loss;
 }
 
