@@ -151,13 +151,40 @@ def philox_directions(seed: int, rows: int, d: int, noise: str, first_row: int =
     return stacked.gather(-1, lane[..., None])[..., 0]
 
 
+def sphere_sum_sq(g: Tensor) -> Tensor:
+    """Row sums of g^2, (rows,), in the fixed order of csrc/sphere_norm.h (all devices).
+
+    The entries come in groups of four (one Philox call); lane l of L = min(32, the power of
+    two >= ceil(d/4)) lanes sums groups l, l + L, l + 2L, ... in order, the four entries of a
+    group in order; then lane l + h is added to lane l for h = L/2, ..., 1.
+    """
+    rows, d = g.shape
+    groups = (d + 3) // 4
+    lanes = min(32, 1 << (groups - 1).bit_length())
+    chunks = -(-groups // lanes)
+    squares = g.new_zeros(rows, chunks * lanes * 4)  # zero padding: adding +0 is exact
+    squares[:, :d] = g * g
+    squares = squares.view(rows, chunks, lanes, 4)
+    part = g.new_zeros(rows, lanes)
+    for c in range(chunks):
+        for k in range(4):
+            part = part + squares[:, c, :, k]
+    while lanes > 1:
+        lanes //= 2
+        part = part[:, :lanes] + part[:, lanes : 2 * lanes]
+    return part[:, 0]
+
+
 def scale_directions(g: Tensor, noise: str, eps: float) -> Tensor:
     """Scale unit-variance directions so that E[v v^T] = (eps^2/d) I.
 
-    sphere: v = eps g / ||g|| (||v|| = eps); gaussian, rademacher: v = eps g / sqrt(d).
+    sphere: v = eps g / ||g|| (||v|| = eps), with ||g||^2 = sphere_sum_sq(g) and a correctly
+    rounded sqrt and division, as the compiled ops; gaussian, rademacher: v = eps g / sqrt(d).
     """
     if noise == "sphere":
-        return g * (eps / g.norm(dim=1, keepdim=True))
+        # float64 sqrt rounded to float32 is the correctly rounded float32 sqrt.
+        norm = torch.sqrt(sphere_sum_sq(g).double()).to(g.dtype)
+        return g * (torch.full_like(norm, eps) / norm)[:, None]
     return g * (eps / math.sqrt(g.shape[1]))
 
 

@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "fd_math.h"
 #include "philox.h"
+#include "sphere_norm.h"
 
 namespace fdsm {
 namespace {
@@ -225,23 +226,7 @@ std::tuple<at::Tensor, at::Tensor> random_stencil_batch_cpu(const at::Tensor& x_
         directions_row(seed, static_cast<uint64_t>(r), groups, noise, g.data());
         acc_t factor = flat_factor;
         if (noise == Noise::Sphere) {
-          // kLanes independent partial sums: vectorises, and no long serial dependency.
-          constexpr int kLanes = 8;
-          acc_t part[kLanes] = {};
-          int64_t i = 0;
-          for (; i + kLanes <= d; i += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-              const acc_t gi = static_cast<acc_t>(g[i + l]);
-              part[l] += gi * gi;
-            }
-          }
-          for (; i < d; ++i) {
-            const acc_t gi = static_cast<acc_t>(g[i]);
-            part[0] += gi * gi;
-          }
-          acc_t sum_sq = 0;
-          for (int l = 0; l < kLanes; ++l) sum_sq += part[l];
-          factor = static_cast<acc_t>(eps) / std::sqrt(sum_sq);
+          factor = sphere_factor<acc_t>(eps, sphere_sum_sq<acc_t>(g.data(), d));
         }
         scalar_t* v_row = vp + r * d;
         for (int64_t i = 0; i < d; ++i) {

@@ -11,6 +11,16 @@
 
 #include "launchers.h"
 
+// Every launch goes through FDSM_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...):
+// <<<...>>> under nvcc; the host emulation of the kernels (python_tests/cuda_emulation, g++)
+// defines it as its fiber launcher before including this file.
+#ifdef __CUDACC__
+#define FDSM_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  kernel<<<grid, block, shared_bytes, stream>>>
+#elif !defined(FDSM_LAUNCH)
+#error "the .cu files are compiled by nvcc, or by g++ with python_tests/cuda_emulation/emulator.h"
+#endif
+
 namespace fdsm {
 
 template <typename T>
@@ -53,9 +63,19 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
 }
-inline unsigned grid_rows(int64_t rows) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 1 << 20)));
+
+// Row kernels use 2-D blocks: blockDim.x threads along a row (its lanes), blockDim.y rows
+// per block. Up to 1023 entries a row gets a part of a warp (at most 32 lanes, so rows
+// reduce with warp shuffles alone and short rows do not idle most of a block); longer rows
+// get a whole block each.
+inline dim3 row_block(int64_t d) {
+  unsigned lanes = 1;
+  while (lanes < d && lanes < 32) lanes *= 2;
+  if (d >= 1024) lanes = kThreads;
+  return dim3(lanes, kThreads / lanes);
 }
+inline dim3 row_block_lanes(int lanes) { return dim3(lanes, kThreads / lanes); }
+inline unsigned grid_for_rows(int64_t rows, dim3 block) { return grid_for(rows, block.y); }
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
@@ -90,6 +110,23 @@ __device__ inline void block_sum(T (&vals)[N], T* shared) {
   for (int j = 0; j < N; ++j) vals[j] = shared[j * 32];
   // The slots are reused by the next call of the same block.
   __syncthreads();
+}
+
+// Sums N values over the lanes of each row of a row_block: an xor butterfly within the row's
+// blockDim.x <= 32 lanes, else (one row per block) block_sum. Every lane gets the totals.
+// All threads of the block must call it (inactive rows with zeros): it holds barriers.
+template <int N, typename T>
+__device__ inline void row_sum(T (&vals)[N], T* shared) {
+  if (blockDim.x > 32) {
+    block_sum<N>(vals, shared);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+      vals[j] += __shfl_xor_sync(0xffffffffu, vals[j], h, blockDim.x);
+    }
+  }
 }
 
 }  // namespace fdsm

@@ -36,7 +36,7 @@ cudaError_t launch_fd_combine(DType dtype, const void* y, void* out, const Weigh
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_combine_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_combine_kernel<scalar_t>, grid_for(n), kThreads, 0, stream)(
         static_cast<const scalar_t*>(y), static_cast<acc_type_t<scalar_t>*>(out), w, n);
   });
 }
@@ -46,7 +46,7 @@ cudaError_t launch_fd_combine_backward(DType dtype, const void* grad, void* out,
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_combine_backward_kernel<scalar_t><<<grid_for(n * w.n), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_combine_backward_kernel<scalar_t>, grid_for(n * w.n), kThreads, 0, stream)(
         static_cast<const scalar_t*>(grad), static_cast<scalar_t*>(out), w, n);
   });
 }

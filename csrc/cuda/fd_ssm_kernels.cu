@@ -47,38 +47,49 @@ __global__ void fd_ssm_scalar_backward_kernel(const acc_type_t<scalar_t>* __rest
   }
 }
 
-// One block per sample; projections are visited in order so the result is deterministic.
+// Stage 1 of fd_ssm_score: the term of every projection row r (= p*B + b), rows spread over
+// row_blocks (all P*B rows in parallel, not the projections of a sample one after another).
 template <typename scalar_t>
-__global__ void fd_ssm_score_kernel(const scalar_t* __restrict__ s,
-                                    const scalar_t* __restrict__ v,
-                                    acc_type_t<scalar_t>* __restrict__ loss, int64_t B,
-                                    int64_t P, int64_t d, bool variance_reduction,
-                                    double scale) {
+__global__ void fd_ssm_score_rows_kernel(const scalar_t* __restrict__ s,
+                                         const scalar_t* __restrict__ v,
+                                         acc_type_t<scalar_t>* __restrict__ terms, int64_t PB,
+                                         int64_t d, bool variance_reduction, double scale) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t shared[3 * 32];
-  const int64_t PB = P * B;
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    acc_t total = 0;
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t r = p * B + b;
-      acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // ||add||^2, v.add, v.sub
-      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-        const acc_t a = static_cast<acc_t>(s[r * d + i]);
-        const acc_t m = static_cast<acc_t>(s[(PB + r) * d + i]);
-        const acc_t vi = static_cast<acc_t>(v[r * d + i]);
-        sums[0] += (a + m) * (a + m);
-        sums[1] += vi * (a + m);
-        sums[2] += vi * (a - m);
-      }
-      block_sum<3>(sums, shared);
-      total += ssm_score_term<acc_t>(variance_reduction, sums[0], sums[1], sums[2],
-                                     static_cast<acc_t>(scale));
+  // Loop bounds are uniform over the block: row_sum needs every lane.
+  for (int64_t r0 = blockIdx.x * static_cast<int64_t>(blockDim.y); r0 < PB;
+       r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = r0 + threadIdx.y;
+    acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // ||add||^2, v.add, v.sub
+    for (int64_t i = threadIdx.x; r < PB && i < d; i += blockDim.x) {
+      const acc_t a = static_cast<acc_t>(s[r * d + i]);
+      const acc_t m = static_cast<acc_t>(s[(PB + r) * d + i]);
+      const acc_t vi = static_cast<acc_t>(v[r * d + i]);
+      sums[0] += (a + m) * (a + m);
+      sums[1] += vi * (a + m);
+      sums[2] += vi * (a - m);
     }
-    if (threadIdx.x == 0) loss[b] = total / static_cast<acc_t>(P);
+    row_sum<3>(sums, shared);
+    if (r < PB && threadIdx.x == 0) {
+      terms[r] = ssm_score_term<acc_t>(variance_reduction, sums[0], sums[1], sums[2],
+                                       static_cast<acc_t>(scale));
+    }
   }
 }
 
-// One block per projection row; the plain form needs the row's v.add first.
+// Stage 2: the mean over projections of each sample, summed in projection order (as the CPU).
+template <typename acc_t>
+__global__ void fd_ssm_score_mean_kernel(const acc_t* __restrict__ terms,
+                                         acc_t* __restrict__ loss, int64_t B, int64_t P) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < B;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t total = 0;
+    for (int64_t p = 0; p < P; ++p) total += terms[p * B + b];
+    loss[b] = total / static_cast<acc_t>(P);
+  }
+}
+
+// Projection rows over row_blocks; the plain form needs the row's v.add first.
 template <typename scalar_t>
 __global__ void fd_ssm_score_backward_kernel(const acc_type_t<scalar_t>* __restrict__ grad,
                                              const scalar_t* __restrict__ s,
@@ -89,16 +100,19 @@ __global__ void fd_ssm_score_backward_kernel(const acc_type_t<scalar_t>* __restr
   __shared__ acc_t shared[32];
   const int64_t PB = P * B;
   const acc_t sc = static_cast<acc_t>(scale);
-  for (int64_t r = blockIdx.x; r < PB; r += gridDim.x) {
-    const acc_t coef = grad[r % B] / static_cast<acc_t>(P);
+  for (int64_t r0 = blockIdx.x * static_cast<int64_t>(blockDim.y); r0 < PB;
+       r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = r0 + threadIdx.y;
     acc_t v_add[1] = {acc_t(0)};
     if (!variance_reduction) {
-      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      for (int64_t i = threadIdx.x; r < PB && i < d; i += blockDim.x) {
         v_add[0] += static_cast<acc_t>(v[r * d + i]) *
                     (static_cast<acc_t>(s[r * d + i]) + static_cast<acc_t>(s[(PB + r) * d + i]));
       }
-      block_sum<1>(v_add, shared);
+      row_sum<1>(v_add, shared);
     }
+    if (r >= PB) continue;
+    const acc_t coef = grad[r % B] / static_cast<acc_t>(P);
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
       acc_t d_plus, d_minus;
       const acc_t add = static_cast<acc_t>(s[r * d + i]) + static_cast<acc_t>(s[(PB + r) * d + i]);
@@ -110,8 +124,6 @@ __global__ void fd_ssm_score_backward_kernel(const acc_type_t<scalar_t>* __restr
   }
 }
 
-int threads_for_row(int64_t d) { return d >= 256 ? 256 : (d >= 128 ? 128 : (d >= 64 ? 64 : 32)); }
-
 }  // namespace
 
 cudaError_t launch_fd_ssm_scalar(DType dtype, const void* f, void* loss, int64_t B, int64_t P,
@@ -119,7 +131,7 @@ cudaError_t launch_fd_ssm_scalar(DType dtype, const void* f, void* loss, int64_t
   if (B == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_scalar_kernel<scalar_t><<<grid_for(B), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_ssm_scalar_kernel<scalar_t>, grid_for(B), kThreads, 0, stream)(
         static_cast<const scalar_t*>(f), static_cast<acc_type_t<scalar_t>*>(loss), B, P, scale,
         sign);
   });
@@ -131,21 +143,25 @@ cudaError_t launch_fd_ssm_scalar_backward(DType dtype, const void* grad, const v
   if (B == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_scalar_backward_kernel<scalar_t><<<grid_for(B), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(fd_ssm_scalar_backward_kernel<scalar_t>, grid_for(B), kThreads, 0, stream)(
         static_cast<const acc_type_t<scalar_t>*>(grad), static_cast<const scalar_t*>(f),
         static_cast<scalar_t*>(grad_f), B, P, scale, sign);
   });
 }
 
-cudaError_t launch_fd_ssm_score(DType dtype, const void* s, const void* v, void* loss,
-                                int64_t B, int64_t P, int64_t d, bool variance_reduction,
-                                double scale, cudaStream_t stream) {
+cudaError_t launch_fd_ssm_score(DType dtype, const void* s, const void* v, void* terms,
+                                void* loss, int64_t B, int64_t P, int64_t d,
+                                bool variance_reduction, double scale, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
+  const dim3 block = row_block(d);
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_score_kernel<scalar_t><<<grid_rows(B), threads_for_row(d), 0, stream>>>(
-        static_cast<const scalar_t*>(s), static_cast<const scalar_t*>(v),
-        static_cast<acc_type_t<scalar_t>*>(loss), B, P, d, variance_reduction, scale);
+    using acc_t = acc_type_t<scalar_t>;
+    FDSM_LAUNCH(fd_ssm_score_rows_kernel<scalar_t>, grid_for_rows(P * B, block), block, 0,
+                stream)(static_cast<const scalar_t*>(s), static_cast<const scalar_t*>(v),
+                        static_cast<acc_t*>(terms), P * B, d, variance_reduction, scale);
+    FDSM_LAUNCH(fd_ssm_score_mean_kernel<acc_t>, grid_for(B), kThreads, 0, stream)(
+        static_cast<const acc_t*>(terms), static_cast<acc_t*>(loss), B, P);
   });
 }
 
@@ -154,12 +170,13 @@ cudaError_t launch_fd_ssm_score_backward(DType dtype, const void* grad, const vo
                                          int64_t d, bool variance_reduction, double scale,
                                          cudaStream_t stream) {
   if (B == 0 || d == 0) return cudaSuccess;
+  const dim3 block = row_block(d);
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    fd_ssm_score_backward_kernel<scalar_t><<<grid_rows(P * B), threads_for_row(d), 0, stream>>>(
-        static_cast<const acc_type_t<scalar_t>*>(grad), static_cast<const scalar_t*>(s),
-        static_cast<const scalar_t*>(v), static_cast<scalar_t*>(grad_s), B, P, d,
-        variance_reduction, scale);
+    FDSM_LAUNCH(fd_ssm_score_backward_kernel<scalar_t>, grid_for_rows(P * B, block), block, 0,
+                stream)(static_cast<const acc_type_t<scalar_t>*>(grad),
+                        static_cast<const scalar_t*>(s), static_cast<const scalar_t*>(v),
+                        static_cast<scalar_t*>(grad_s), B, P, d, variance_reduction, scale);
   });
 }
 

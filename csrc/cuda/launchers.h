@@ -49,9 +49,10 @@ cudaError_t launch_fd_ssm_scalar_backward(DType dtype, const void* grad, const v
                                           void* grad_f, int64_t B, int64_t P, double scale,
                                           double sign, cudaStream_t stream);
 
-cudaError_t launch_fd_ssm_score(DType dtype, const void* s, const void* v, void* loss,
-                                int64_t B, int64_t P, int64_t d, bool variance_reduction,
-                                double scale, cudaStream_t stream);
+// terms: workspace of P*B values in the accumulation dtype (one per projection row).
+cudaError_t launch_fd_ssm_score(DType dtype, const void* s, const void* v, void* terms,
+                                void* loss, int64_t B, int64_t P, int64_t d,
+                                bool variance_reduction, double scale, cudaStream_t stream);
 
 cudaError_t launch_fd_ssm_score_backward(DType dtype, const void* grad, const void* s,
                                          const void* v, void* grad_s, int64_t B, int64_t P,

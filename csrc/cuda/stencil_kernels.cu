@@ -4,40 +4,50 @@
 #include "cuda_utils.cuh"
 #include "fd_math.h"
 #include "philox.h"
+#include "sphere_norm.h"
 
 namespace fdsm {
 namespace {
 
-__device__ inline int block_of_row(const StencilLayout& L, int64_t row) {
-  int k = L.n_offsets - 1;
-  while (k > 0 && L.start[k] > row) --k;
-  return k;
+// Writes the stencil entries of column i that depend on projection row r (= p*B + b):
+// x + gamma_k v for every non-zero offset, and x itself for a zero offset (once, at p = 0).
+template <typename scalar_t, typename acc_t>
+__device__ inline void write_stencil_points(const StencilLayout& L, int64_t r, int64_t b,
+                                            int64_t i, int64_t d, scalar_t xi, scalar_t vi,
+                                            scalar_t* __restrict__ out) {
+  for (int k = 0; k < L.n_offsets; ++k) {
+    if (L.gamma[k] == 0.0) {
+      if (r < L.batch) out[(L.start[k] + b) * d + i] = xi;
+    } else {
+      out[(L.start[k] + r) * d + i] = static_cast<scalar_t>(stencil_point<acc_t>(
+          static_cast<acc_t>(xi), static_cast<acc_t>(L.gamma[k]), static_cast<acc_t>(vi)));
+    }
+  }
 }
 
+// 2-D: projection rows r along y, columns along x (a row_block); each thread reads x and v
+// once and writes the entry of every offset.
 template <typename scalar_t>
 __global__ void stencil_batch_kernel(const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
                                      StencilLayout L, int64_t d) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t n = L.total_rows * d;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / d, i = idx - row * d;
-    const int k = block_of_row(L, row);
-    const int64_t local = row - L.start[k];
-    if (L.gamma[k] == 0.0) {
-      out[idx] = x[local * d + i];
-    } else {
-      const int64_t b = local % L.batch;
-      out[idx] = static_cast<scalar_t>(stencil_point<acc_t>(
-          static_cast<acc_t>(x[b * d + i]), static_cast<acc_t>(L.gamma[k]),
-          static_cast<acc_t>(v[local * d + i])));
+  const int64_t rows = L.n_proj * L.batch;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t b = r % L.batch;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      write_stencil_points<scalar_t, acc_t>(L, r, b, i, d, x[b * d + i], v[r * d + i], out);
     }
   }
 }
 
-// One block per direction row: the sphere needs the row's norm before any entry is final,
-// so the Philox words are drawn twice (cheaper than staging d values in shared memory).
+// blockDim.x = sphere_lanes(d) lanes per direction row, blockDim.y rows per block; lane l
+// draws the Philox groups l, l + lanes, ... of its row. The sphere needs the row's norm
+// before any entry is final: its sum of squares is reduced first, in the order of
+// sphere_norm.h, and the words are drawn again for the output (cheaper than keeping d
+// values). Each output pass stages 4*lanes entries in shared memory, so that lane l then
+// stores entries l, l + lanes, ...: coalesced rows instead of 4-strided stores.
 template <typename scalar_t>
 __global__ void random_stencil_batch_kernel(const scalar_t* __restrict__ x,
                                             const int64_t* __restrict__ seed_ptr,
@@ -45,74 +55,84 @@ __global__ void random_stencil_batch_kernel(const scalar_t* __restrict__ x,
                                             StencilLayout L, int64_t d, Noise noise,
                                             double eps) {
   using acc_t = acc_type_t<scalar_t>;
-  __shared__ acc_t shared[32];
+  __shared__ acc_t staged[4 * kThreads];
+  const int lanes = blockDim.x, lane = threadIdx.x;
+  acc_t* stage = staged + 4 * lanes * threadIdx.y;
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int64_t rows = L.n_proj * L.batch;
   const int64_t groups = (d + 3) / 4;
   const acc_t flat_factor = static_cast<acc_t>(eps / sqrt(static_cast<double>(d)));
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  // Loop bounds are uniform over the block: the shuffles and __syncwarp need every lane.
+  for (int64_t r0 = blockIdx.x * static_cast<int64_t>(blockDim.y); r0 < rows;
+       r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = r0 + threadIdx.y;
+    const bool active = r < rows;
     acc_t factor = flat_factor;
     if (noise == Noise::Sphere) {
-      acc_t sum_sq[1] = {acc_t(0)};
-      for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+      acc_t sum_sq = 0;
+      for (int64_t j = lane; active && j < groups; j += lanes) {
         float g[4];
         philox_directions4(seed, static_cast<uint64_t>(r), static_cast<uint64_t>(j), noise, g);
-        for (int lane = 0; lane < 4 && 4 * j + lane < d; ++lane) {
-          const acc_t gi = static_cast<acc_t>(g[lane]);
-          sum_sq[0] += gi * gi;
-        }
+        sum_sq = add_squares4(sum_sq, g, d - 4 * j);
       }
-      block_sum<1>(sum_sq, shared);
-      factor = static_cast<acc_t>(eps) / sqrt(sum_sq[0]);
+      for (int h = lanes / 2; h > 0; h >>= 1) {
+        sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, h, lanes);
+      }
+      factor = sphere_factor<acc_t>(eps, sum_sq);
     }
     const int64_t b = r % L.batch;
-    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
-      float g[4];
-      philox_directions4(seed, static_cast<uint64_t>(r), static_cast<uint64_t>(j), noise, g);
-      for (int lane = 0; lane < 4 && 4 * j + lane < d; ++lane) {
-        const int64_t i = 4 * j + lane;
-        const scalar_t vi = static_cast<scalar_t>(static_cast<acc_t>(g[lane]) * factor);
-        v[r * d + i] = vi;
-        const scalar_t xi = x[b * d + i];
-        for (int k = 0; k < L.n_offsets; ++k) {
-          if (L.gamma[k] == 0.0) {
-            if (r < L.batch) out[(L.start[k] + b) * d + i] = xi;
-          } else {
-            out[(L.start[k] + r) * d + i] = static_cast<scalar_t>(stencil_point<acc_t>(
-                static_cast<acc_t>(xi), static_cast<acc_t>(L.gamma[k]), static_cast<acc_t>(vi)));
-          }
+    for (int64_t j0 = 0; j0 < groups; j0 += lanes) {
+      const int64_t j = j0 + lane;
+      if (active && j < groups) {
+        float g[4];
+        philox_directions4(seed, static_cast<uint64_t>(r), static_cast<uint64_t>(j), noise, g);
+        for (int k = 0; k < 4; ++k) {
+          stage[4 * lane + k] =
+              static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(g[k]) * factor));
         }
       }
+      __syncwarp();
+      for (int k = 0; k < 4; ++k) {
+        const int e = lane + k * lanes;
+        const int64_t i = 4 * j0 + e;
+        if (!active || i >= d) continue;
+        const scalar_t vi = static_cast<scalar_t>(stage[e]);
+        v[r * d + i] = vi;
+        write_stencil_points<scalar_t, acc_t>(L, r, b, i, d, x[b * d + i], vi, out);
+      }
+      __syncwarp();  // the stage is refilled by the next pass
     }
   }
 }
 
+// 2-D: samples b along y, columns along x; sums every stencil row of sample b in the CPU's
+// order (zero offsets, then each projection's non-zero offsets).
 template <typename scalar_t>
 __global__ void stencil_batch_backward_kernel(const scalar_t* __restrict__ grad,
                                               scalar_t* __restrict__ grad_x,
                                               scalar_t* __restrict__ grad_v, StencilLayout L,
                                               int64_t d) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t n = L.batch * d;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / d, i = idx - b * d;
-    acc_t acc_x = 0;
-    for (int k = 0; k < L.n_offsets; ++k) {
-      if (L.gamma[k] == 0.0) acc_x += static_cast<acc_t>(grad[(L.start[k] + b) * d + i]);
-    }
-    for (int64_t p = 0; p < L.n_proj; ++p) {
-      const int64_t r = p * L.batch + b;
-      acc_t acc_v = 0;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; b < L.batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      acc_t acc_x = 0;
       for (int k = 0; k < L.n_offsets; ++k) {
-        if (L.gamma[k] == 0.0) continue;
-        const acc_t val = static_cast<acc_t>(grad[(L.start[k] + r) * d + i]);
-        acc_x += val;
-        acc_v += static_cast<acc_t>(L.gamma[k]) * val;
+        if (L.gamma[k] == 0.0) acc_x += static_cast<acc_t>(grad[(L.start[k] + b) * d + i]);
       }
-      if (grad_v != nullptr) grad_v[r * d + i] = static_cast<scalar_t>(acc_v);
+      for (int64_t p = 0; p < L.n_proj; ++p) {
+        const int64_t r = p * L.batch + b;
+        acc_t acc_v = 0;
+        for (int k = 0; k < L.n_offsets; ++k) {
+          if (L.gamma[k] == 0.0) continue;
+          const acc_t val = static_cast<acc_t>(grad[(L.start[k] + r) * d + i]);
+          acc_x += val;
+          acc_v += static_cast<acc_t>(L.gamma[k]) * val;
+        }
+        if (grad_v != nullptr) grad_v[r * d + i] = static_cast<scalar_t>(acc_v);
+      }
+      grad_x[b * d + i] = static_cast<scalar_t>(acc_x);
     }
-    grad_x[idx] = static_cast<scalar_t>(acc_x);
   }
 }
 
@@ -120,11 +140,12 @@ __global__ void stencil_batch_backward_kernel(const scalar_t* __restrict__ grad,
 
 cudaError_t launch_stencil_batch(DType dtype, const void* x, const void* v, void* out,
                                  const StencilLayout& L, int64_t d, cudaStream_t stream) {
-  const int64_t n = L.total_rows * d;
-  if (n == 0) return cudaSuccess;
+  const int64_t rows = L.n_proj * L.batch;
+  if (rows == 0 || d == 0) return cudaSuccess;
+  const dim3 block = row_block(d);
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    stencil_batch_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(stencil_batch_kernel<scalar_t>, grid_for_rows(rows, block), block, 0, stream)(
         static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(v),
         static_cast<scalar_t*>(out), L, d);
   });
@@ -135,12 +156,11 @@ cudaError_t launch_random_stencil_batch(DType dtype, const void* x, const int64_
                                         Noise noise, double eps, cudaStream_t stream) {
   const int64_t rows = L.n_proj * L.batch;
   if (rows == 0 || d == 0) return cudaSuccess;
-  // Each thread handles groups of four entries (one Philox call); small rows get small blocks.
-  const int64_t groups = (d + 3) / 4;
-  const int threads = groups >= 256 ? 256 : (groups >= 128 ? 128 : (groups >= 64 ? 64 : 32));
+  const dim3 block = row_block_lanes(sphere_lanes(d));
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    random_stencil_batch_kernel<scalar_t><<<grid_rows(rows), threads, 0, stream>>>(
+    FDSM_LAUNCH(random_stencil_batch_kernel<scalar_t>, grid_for_rows(rows, block), block, 0,
+                stream)(
         static_cast<const scalar_t*>(x), seed, static_cast<scalar_t*>(out),
         static_cast<scalar_t*>(v), L, d, noise, eps);
   });
@@ -149,11 +169,12 @@ cudaError_t launch_random_stencil_batch(DType dtype, const void* x, const int64_
 cudaError_t launch_stencil_batch_backward(DType dtype, const void* grad, void* grad_x,
                                           void* grad_v, const StencilLayout& L, int64_t d,
                                           cudaStream_t stream) {
-  const int64_t n = L.batch * d;
-  if (n == 0) return cudaSuccess;
+  if (L.batch == 0 || d == 0) return cudaSuccess;
+  const dim3 block = row_block(d);
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    stencil_batch_backward_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(
+    FDSM_LAUNCH(stencil_batch_backward_kernel<scalar_t>, grid_for_rows(L.batch, block), block, 0,
+                stream)(
         static_cast<const scalar_t*>(grad), static_cast<scalar_t*>(grad_x),
         static_cast<scalar_t*>(grad_v), L, d);
   });

@@ -1,0 +1,5 @@
+// The unchanged CUDA kernels of csrc/cuda/fd_dsm_kernels.cu, compiled for the host emulator.
+
+#include "emulator.h"
+
+#include "cuda/fd_dsm_kernels.cu"
