@@ -60,7 +60,7 @@ from torch import Tensor
 
 __all__ = ["FDPrecisionWarning", "EpsSuggestion", "suggest_eps", "unit_roundoff"]
 
-THRESHOLD = 0.1
+THRESHOLD = 0.3
 _EAGER_CALLS = 8
 _EVERY = 64
 
@@ -181,13 +181,13 @@ def _report(numbers: list[float], context: tuple) -> None:
     if not floor > THRESHOLD * scale or _calls.get(site[:2], 0) < 0:
         return
     _calls[site[:2]] = -1
-    percent = "inf" if scale == 0 else f"{100 * floor / scale:.0f}"
+    ratio = "inf" if scale == 0 else f"{floor / scale:.2f}"
     message = (
-        f"{fn}: rounding noise of about {floor:.3g} per sample ({precision}, {detail}) is "
-        f"{percent}% of the typical per-sample value {scale:.3g}; the result is dominated "
-        f"by rounding. Use {remedy} (fdsm_ext.suggest_eps), float32 model outputs, or under "
-        "autocast keep the last layers in float32 (see fdsm_ext.precision). Warned once "
-        "per call site."
+        f"{fn}: rounding noise of about {floor:.3g} per sample ({precision}, {detail}) "
+        f"against typical per-sample values of {scale:.3g}: ratio {ratio} (warns above "
+        f"{THRESHOLD}; near 1 the values are mostly rounding noise). Use {remedy} "
+        "(fdsm_ext.suggest_eps), float32 model outputs, or under autocast float32 last "
+        "layers (see fdsm_ext.precision). Warned once per call site."
     )
     filename, lineno, module = site
     warnings.warn_explicit(message, FDPrecisionWarning, filename, lineno, module)
@@ -258,11 +258,12 @@ def suggest_eps(
     rounding = u * size * d if scalar else u * size * math.sqrt(d)
 
     steps = [eps_max / 2**k for k in range(levels)]
-    with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+    no_autocast = torch.autocast(x.device.type, enabled=False)
+    with no_autocast, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FDPrecisionWarning)
         values = [
-            float(fd_ssm_loss(model, x, *model_args, eps=h, output=output,
-                              generator=torch.Generator(x.device).manual_seed(seed)))
+            fd_ssm_loss(model, x, *model_args, eps=h, output=output,
+                        generator=torch.Generator(x.device).manual_seed(seed)).item()
             for h in steps
         ]
     u_x = torch.finfo(x.dtype).eps / 2
