@@ -53,7 +53,8 @@ float32 is not seen at all.
 
 On CUDA the check never synchronises: its two numbers are copied to pinned host memory
 asynchronously and read on a later call once the copy has finished (so a warning can arrive
-one call late). Under ``torch.compile`` tracing the guard is skipped. The check runs on the
+one call late); other devices read the two numbers at once. Under ``torch.compile`` tracing
+and CUDA graph capture the guard is skipped. The check runs on the
 first 8 calls of each call site and then on every 64th, until that site has warned.
 """
 
@@ -77,7 +78,8 @@ _EVERY = 64
 
 
 class FDPrecisionWarning(UserWarning):
-    """Rounding noise is a sizeable part (> 10%) of a finite-difference value."""
+    """Rounding noise is a sizeable part (ratio > 0.3, see :mod:`fdsm_ext.precision`) of a
+    finite-difference value."""
 
 
 def unit_roundoff(dtype: torch.dtype, device_type: str | None = None) -> float:
@@ -133,7 +135,9 @@ def _guard(
     remedy: str,
 ) -> None:
     """Compare floor(u) with mean |value|; warn (once per call site) above THRESHOLD."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (
+        out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    ):
         return
     _poll_pending()
     site = _call_site()
@@ -145,7 +149,7 @@ def _guard(
     with torch.no_grad():
         numbers = torch.stack([floor(u).float(), value.detach().abs().mean().float()])
     context = (fn, site, precision, detail, remedy)
-    if numbers.device.type == "cpu":
+    if numbers.device.type != "cuda":
         _report(numbers.tolist(), context)
         return
     host = torch.empty(2, dtype=torch.float32, pin_memory=True)
