@@ -185,7 +185,7 @@ def fd_directional_derivative(
     """
     fn = "fd_directional_derivative"
     check_x(x, fn, finite_differences=True)
-    check_order_accuracy(order, accuracy)
+    check_order_accuracy(order, accuracy, fn)
     if not isinstance(v, Tensor) or v.shape != x.shape or v.dtype != x.dtype:
         raise ValueError(
             f"{fn}: v must be a tensor with x's shape {tuple(x.shape)} and dtype {x.dtype}; "

@@ -162,8 +162,8 @@ def _guard(
 # call site -> number of checked calls (-1 once it has warned)
 _calls: dict[tuple[str, int], int] = {}
 _pending: list[tuple[Any, Tensor, tuple]] = []
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def _call_site() -> tuple[str, int, str]:

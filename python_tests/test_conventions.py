@@ -15,8 +15,10 @@ from fdsm_ext import (
     annealed_langevin_dynamics,
     dsm_loss,
     exact_sm_loss,
+    fd_directional_derivative,
     fd_dsm_loss,
     fd_ssm_loss,
+    fd_stencil,
     geometric_sigmas,
     langevin_dynamics,
     noise_conditional_loss,
@@ -140,6 +142,9 @@ def test_namespace_has_only_the_public_api_and_submodules():
          "langevin_dynamics: n_steps must be"),
         (lambda: annealed_langevin_dynamics(score, X, [1.0], step_lr=0.0), ValueError,
          "annealed_langevin_dynamics: step_lr must be"),
+        (lambda: fd_directional_derivative(energy, X, X, order=0), ValueError,
+         "fd_directional_derivative: order must be"),
+        (lambda: fd_stencil(2, accuracy=3), ValueError, "fd_stencil: accuracy must be"),
     ],
 )
 def test_every_error_starts_with_the_function_name(call, error, match):
