@@ -16,31 +16,42 @@ SCALAR = "scalar"
 SCORE = "score"
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: Any, choices: Sequence[str], fn: str) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(
+            f"{fn}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        )
 
 
-def check_positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any, fn: str) -> None:
     """value: a finite number > 0 or a tensor of them."""
     if isinstance(value, Tensor):
         if not value.is_floating_point():
-            raise ValueError(f"{name} must be > 0 (floating point), got dtype {value.dtype}")
+            raise ValueError(f"{fn}: {name} must be > 0 (floating point), got dtype {value.dtype}")
         if value.device.type != "cpu":
             # Checked on the device: reading the result back would sync every training step.
-            torch._assert_async(torch.all(value > 0), f"{name} must be > 0")
+            torch._assert_async(torch.all(value > 0), f"{fn}: {name} must be > 0")
         elif not bool(torch.all(value > 0)):
-            raise ValueError(f"{name} must be > 0 (floating point), got {value}")
+            raise ValueError(f"{fn}: {name} must be > 0 (floating point), got {value}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number > 0, got {type(value).__name__}")
+        raise TypeError(f"{fn}: {name} must be a number > 0, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int, fn: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_generator(generator: Any, fn: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{fn}: generator must be a torch.Generator or None, got "
+            f"{type(generator).__name__} {generator!r} (for a fixed seed use "
+            "torch.Generator().manual_seed(seed))"
+        )
 
 
 def check_x(x: Any, fn: str, finite_differences: bool) -> None:
@@ -59,17 +70,19 @@ def check_x(x: Any, fn: str, finite_differences: bool) -> None:
     if x[0].numel() == 0:
         raise ValueError(f"{fn}: x has empty samples (shape {tuple(x.shape)}); need d >= 1")
     if finite_differences and x.dtype in (torch.float16, torch.bfloat16):
+        u = torch.finfo(x.dtype).eps / 2
         raise TypeError(
-            f"{fn}: x has dtype {x.dtype}; finite differences in half precision are noise "
-            "(the second difference loses u*|L|/eps^2, about 10% at eps=0.1 with u=1e-3). "
-            "Pass float32 or float64 x (a model may still autocast internally: the FD "
-            "reductions accumulate its half-precision outputs in float32)."
+            f"{fn}: x has dtype {x.dtype}; finite differences in half precision are noise: "
+            f"the unit round-off of {x.dtype} is u = {u:.2g}, and the scaled second "
+            f"difference loses about u*|L|*d/eps^2 = {u / 0.01:.2g}*|L|*d per sample at "
+            "eps=0.1. Pass float32 or float64 x (see fdsm_ext.precision for what a model "
+            "that autocasts internally costs, and fdsm_ext.suggest_eps)."
         )
 
 
-def check_reduction_output(output: str, reduction: str) -> None:
-    check_choice("output", output, OUTPUTS)
-    check_choice("reduction", reduction, REDUCTIONS)
+def check_reduction_output(output: str, reduction: str, fn: str) -> None:
+    check_choice("output", output, OUTPUTS, fn)
+    check_choice("reduction", reduction, REDUCTIONS, fn)
 
 
 def repeat_args(args: Sequence[Any], batch: int, copies: int) -> list[Any]:
@@ -84,16 +97,29 @@ def repeat_args(args: Sequence[Any], batch: int, copies: int) -> list[Any]:
 
 
 def call_model(
-    model: Callable[..., Tensor], inputs: Tensor, args: Sequence[Any], fn: str
+    model: Callable[..., Tensor],
+    inputs: Tensor,
+    args: Sequence[Any],
+    fn: str,
+    batch: int | None = None,
 ) -> Tensor:
-    """One model call; checks that it returned a tensor with one row per input row."""
+    """One model call; checks that it returned a tensor with one row per input row.
+
+    ``batch``: the user's batch size when ``inputs`` stacks several copies of it (named in
+    the error message, so that a row count can be traced back to the stacking).
+    """
     out = model(inputs, *args)
     if not isinstance(out, Tensor):
         raise TypeError(f"{fn}: the model must return a tensor, got {type(out).__name__}")
     if out.dim() == 0 or out.shape[0] != inputs.shape[0]:
+        rows = inputs.shape[0]
+        stacking = ""
+        if batch is not None and rows != batch:
+            stacking = f" = {rows // batch} stacked copies x batch {batch}"
+        got = "a 0-d tensor" if out.dim() == 0 else f"{out.shape[0]} rows"
         raise ValueError(
-            f"{fn}: the model returned shape {tuple(out.shape)} for {inputs.shape[0]} input "
-            f"rows; it must return one row per input row"
+            f"{fn}: the model returned {got} (shape {tuple(out.shape)}) for {rows} input "
+            f"rows{stacking}; it must return one row per input row"
         )
     return out
 
@@ -102,6 +128,10 @@ def output_kind(out: Tensor, event_shape: torch.Size, output: str, fn: str) -> t
     """Classify a model output as (SCALAR, sign) or (SCORE, 1.0) and check it matches ``output``.
 
     sign converts the scalar to a log-density: +1 for log-densities, -1 for energies.
+    ``output="auto"`` accepts only what is unambiguous: an x-shaped output that is not also a
+    per-sample scalar is a score. Per-sample scalars are refused (log-density or energy? the
+    sign of every loss and sampler depends on it), and so is a (N, 1) output for 1-d data
+    (score or scalar?).
     """
     per_sample = out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)
     x_shaped = out.shape[1:] == event_shape
@@ -109,14 +139,19 @@ def output_kind(out: Tensor, event_shape: torch.Size, output: str, fn: str) -> t
         if x_shaped and not per_sample:
             return SCORE, 1.0
         if per_sample:
-            return SCALAR, 1.0
+            also = ", or output='score' if it is a score of 1-d data" if x_shaped else ""
+            raise ValueError(
+                f"{fn}: the model returned per-sample scalars (shape {tuple(out.shape)}), which "
+                "output='auto' does not guess: pass output='energy' if it returns "
+                f"E = -log p + const, output='log_density' if it returns log p + const{also}"
+            )
     elif output == "score" and x_shaped:
         return SCORE, 1.0
     elif output in ("log_density", "energy") and per_sample:
         return SCALAR, 1.0 if output == "log_density" else -1.0
     expected = {
-        "auto": "per-sample scalars (N,) or (N, 1), or scores shaped like x "
-        f"(N, *{tuple(event_shape)})",
+        "auto": f"scores shaped like x (N, *{tuple(event_shape)}) (declare output='energy' "
+        "or 'log_density' for per-sample scalars)",
         "score": f"scores shaped like x: (N, *{tuple(event_shape)})",
         "log_density": "per-sample scalars of shape (N,) or (N, 1)",
         "energy": "per-sample scalars of shape (N,) or (N, 1)",
@@ -167,7 +202,7 @@ def model_score(
 
 def per_sample_sigma(sigma: float | Tensor, x: Tensor, fn: str) -> Tensor:
     """sigma as a tensor (B,) in x's dtype and device, checked > 0."""
-    check_positive("sigma", sigma)
+    check_positive("sigma", sigma, fn)
     if isinstance(sigma, Tensor):
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])

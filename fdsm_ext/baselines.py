@@ -2,6 +2,8 @@
 
 They are the best plain-autograd forms, for comparison with the FD losses: projections are
 batched into one model call, and scalar models are differentiated twice (double backward).
+``output``: "energy" or "log_density" for per-sample scalar models, "score" for score models;
+"auto" accepts score models only (it cannot guess the sign of a scalar).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from ._common import (
     check_choice,
+    check_generator,
     check_int,
     check_reduction_output,
     check_x,
@@ -46,9 +49,10 @@ def ssm_loss(
     """
     fn = "ssm_loss"
     check_x(x, fn, finite_differences=False)
-    check_reduction_output(output, reduction)
-    check_choice("noise", noise, ("rademacher", "gaussian"))
-    check_int("n_projections", n_projections, 1)
+    check_reduction_output(output, reduction, fn)
+    check_choice("noise", noise, ("rademacher", "gaussian"), fn)
+    check_int("n_projections", n_projections, 1, fn)
+    check_generator(generator, fn)
     batch = x.shape[0]
     x_rep = torch.cat([x] * n_projections) if n_projections > 1 else x
     args = repeat_args(model_args, batch, n_projections)
@@ -81,7 +85,8 @@ def dsm_loss(
     """
     fn = "dsm_loss"
     check_x(x, fn, finite_differences=False)
-    check_reduction_output(output, reduction)
+    check_reduction_output(output, reduction, fn)
+    check_generator(generator, fn)
     sigma = per_sample_sigma(sigma, x, fn)
     z = randn_like(x, generator)
     view = (-1,) + (1,) * (x.dim() - 1)
@@ -109,11 +114,11 @@ def exact_sm_loss(
     """
     fn = "exact_sm_loss"
     check_x(x, fn, finite_differences=False)
-    check_reduction_output(output, reduction)
+    check_reduction_output(output, reduction, fn)
     batch, d = x.shape[0], x[0].numel()
     if chunk_size is None:
         chunk_size = max(1, min(d, 1024 // batch))
-    check_int("chunk_size", chunk_size, 1)
+    check_int("chunk_size", chunk_size, 1, fn)
 
     norm_term = None
     trace = torch.zeros(batch, dtype=x.dtype, device=x.device)

@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import check_choice, check_positive, check_x, randn_like, reduce
+from ._common import (
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+    check_x,
+    randn_like,
+    reduce,
+)
 from .baselines import dsm_loss, ssm_loss
 from .losses import fd_dsm_loss, fd_ssm_loss
 
@@ -20,10 +28,10 @@ def geometric_sigmas(
     sigma_max: float = 1.0, sigma_min: float = 0.01, n_levels: int = 10
 ) -> Tensor:
     """sigma_i = sigma_max (sigma_min/sigma_max)^(i/(L-1)), i = 0..L-1 (NCSN's schedule)."""
-    check_positive("sigma_max", sigma_max)
-    check_positive("sigma_min", sigma_min)
-    if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 1:
-        raise ValueError(f"n_levels must be an integer >= 1, got {n_levels!r}")
+    fn = "geometric_sigmas"
+    check_positive("sigma_max", sigma_max, fn)
+    check_positive("sigma_min", sigma_min, fn)
+    check_int("n_levels", n_levels, 1, fn)
     if n_levels == 1:
         return torch.tensor([float(sigma_max)])
     ratio = math.log(sigma_min / sigma_max) / (n_levels - 1)
@@ -51,12 +59,13 @@ def noise_conditional_loss(
     weighted per-sample losses (default "mean").
     """
     fn = "noise_conditional_loss"
-    check_choice("method", method, tuple(METHODS))
+    check_choice("method", method, tuple(METHODS), fn)
     check_x(x, fn, finite_differences=False)
+    check_generator(generator, fn)
     sigmas = torch.as_tensor(sigmas, dtype=x.dtype, device=x.device).reshape(-1)
     if sigmas.numel() == 0:
         raise ValueError(f"{fn}: sigmas must hold at least one noise level")
-    check_positive("sigmas", sigmas)
+    check_positive("sigmas", sigmas, fn)
     batch = x.shape[0]
     if labels is None:
         device = generator.device if generator is not None else x.device
@@ -69,7 +78,7 @@ def noise_conditional_loss(
             f"{labels.dtype} {tuple(labels.shape)}"
         )
     reduction = estimator_kwargs.pop("reduction", "mean")
-    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_choice("reduction", reduction, ("mean", "sum", "none"), fn)
     sigma = sigmas[labels]
     estimator = METHODS[method]
     kwargs = dict(estimator_kwargs, reduction="none", generator=generator)

@@ -13,6 +13,7 @@ from ._common import (
     OUTPUTS,
     call_model,
     check_choice,
+    check_generator,
     check_int,
     check_positive,
     check_x,
@@ -26,7 +27,7 @@ def _score(
     model: Callable[..., Tensor], x: Tensor, args: Sequence[Any], output: str, fn: str
 ) -> Tensor:
     """Detached score at x, shaped like x; score models run without building a graph."""
-    if output == "score":
+    if output in ("score", "auto"):
         with torch.no_grad():
             out = call_model(model, x, args, fn)
         output_kind(out, x.shape[1:], output, fn)
@@ -61,14 +62,17 @@ def langevin_dynamics(
 ) -> Tensor:
     """Unadjusted Langevin dynamics: x <- x + alpha s(x) + sqrt(2 alpha) z, ``n_steps`` times.
 
-    s is the model output (score models) or grad log p by autograd (scalar models; declare
-    ``output="energy"`` for energies). Returns the final samples (detached).
+    s is the model output (score models, ``output="score"`` or "auto") or grad log p by
+    autograd (scalar models: declare ``output="energy"`` or ``"log_density"``; "auto"
+    refuses per-sample scalars, whose sign it cannot guess). Returns the final samples
+    (detached).
     """
     fn = "langevin_dynamics"
     check_x(x, fn, finite_differences=False)
-    check_int("n_steps", n_steps, 0)
-    check_positive("step_size", step_size)
-    check_choice("output", output, OUTPUTS)
+    check_int("n_steps", n_steps, 0, fn)
+    check_positive("step_size", step_size, fn)
+    check_choice("output", output, OUTPUTS, fn)
+    check_generator(generator, fn)
     x = x.detach()
     for _ in _progress(range(n_steps), progress, "langevin"):
         x = _step(model, x, model_args, step_size, output, generator, fn)
@@ -97,14 +101,15 @@ def annealed_langevin_dynamics(
     """
     fn = "annealed_langevin_dynamics"
     check_x(x, fn, finite_differences=False)
-    check_int("n_steps_each", n_steps_each, 1)
-    check_positive("step_lr", step_lr)
-    check_choice("output", output, OUTPUTS)
+    check_int("n_steps_each", n_steps_each, 1, fn)
+    check_positive("step_lr", step_lr, fn)
+    check_choice("output", output, OUTPUTS, fn)
+    check_generator(generator, fn)
     sigmas = [float(s) for s in torch.as_tensor(sigmas).reshape(-1).tolist()]
     if not sigmas:
         raise ValueError(f"{fn}: sigmas must hold at least one noise level")
     for s in sigmas:
-        check_positive("sigmas", s)
+        check_positive("sigmas", s, fn)
     x = x.detach()
     steps = [(i, step_lr * (s / sigmas[-1]) ** 2) for i, s in enumerate(sigmas)]
     schedule = [step for step in steps for _ in range(n_steps_each)]

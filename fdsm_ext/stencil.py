@@ -17,12 +17,13 @@ class Stencil(NamedTuple):
     weights: tuple[Fraction, ...]
 
 
-def check_order_accuracy(order: int, accuracy: int) -> None:
-    """Raise ``ValueError`` naming the argument unless order >= 1 and accuracy is even >= 2."""
+def check_order_accuracy(order: int, accuracy: int, fn: str) -> None:
+    """Raise ``ValueError`` naming ``fn`` and the argument unless order >= 1 and accuracy is
+    even >= 2."""
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be an integer >= 1, got {order!r}")
+        raise ValueError(f"{fn}: order must be an integer >= 1, got {order!r}")
     if isinstance(accuracy, bool) or not isinstance(accuracy, int) or accuracy < 2 or accuracy % 2:
-        raise ValueError(f"accuracy must be an even integer >= 2, got {accuracy!r}")
+        raise ValueError(f"{fn}: accuracy must be an even integer >= 2, got {accuracy!r}")
 
 
 def fd_stencil(order: int, accuracy: int = 2) -> Stencil:
@@ -37,7 +38,7 @@ def fd_stencil(order: int, accuracy: int = 2) -> Stencil:
     the smallest set of evaluations: e.g. order 1 -> ``(-1, 1), (-1/2, 1/2)``; order 2 ->
     ``(-1, 0, 1), (1, -2, 1)``.
     """
-    check_order_accuracy(order, accuracy)
+    check_order_accuracy(order, accuracy, "fd_stencil")
     return _solve(order, accuracy)
 
 

@@ -34,7 +34,8 @@ def test_ssm_matches_closed_form_with_same_projections(noise, variance_reduction
 
 def test_ssm_projections_are_one_model_call():
     model = Counting(MLP(3))
-    ssm_loss(model, torch.randn(4, 3, dtype=torch.float64), n_projections=6).backward()
+    ssm_loss(model, torch.randn(4, 3, dtype=torch.float64), n_projections=6,
+             output="log_density").backward()
     assert model.rows == [24]
 
 
@@ -45,7 +46,8 @@ def test_exact_sm_closed_form_any_chunking(chunk_size, model_kind):
     quad = QuadraticLogDensity(d)
     model = quad if model_kind == "scalar" else LinearScore(d)
     x = torch.randn(4, d, dtype=torch.float64)
-    loss = exact_sm_loss(model, x, chunk_size=chunk_size, reduction="none")
+    output = "log_density" if model_kind == "scalar" else "auto"
+    loss = exact_sm_loss(model, x, chunk_size=chunk_size, reduction="none", output=output)
     torch.testing.assert_close(loss, quad.exact_sm(x))
     assert not loss.requires_grad
 
@@ -62,8 +64,11 @@ def test_exact_sm_matches_torch_func_hessian_trace(output):
     def logp(xi):
         return mlp(xi[None])[0]
 
+    # Reverse over reverse: torch.func.hessian's forward mode loads torch's jit-scripted
+    # decompositions (a torch.jit.script deprecation warning).
+    hessian = lambda f: torch.func.jacrev(torch.func.grad(f))  # noqa: E731
     expected = torch.stack([
-        0.5 * torch.func.grad(logp)(xi).pow(2).sum() + torch.func.hessian(logp)(xi).trace()
+        0.5 * torch.func.grad(logp)(xi).pow(2).sum() + hessian(logp)(xi).trace()
         for xi in x
     ])
     torch.testing.assert_close(loss, expected)
@@ -71,7 +76,8 @@ def test_exact_sm_matches_torch_func_hessian_trace(output):
 
 def test_exact_sm_create_graph_gives_parameter_gradients():
     mlp = MLP(3)
-    loss = exact_sm_loss(mlp, torch.randn(5, 3, dtype=torch.float64), create_graph=True)
+    loss = exact_sm_loss(mlp, torch.randn(5, 3, dtype=torch.float64), create_graph=True,
+                         output="log_density")
     loss.backward()
     assert mlp.net[0].weight.grad is not None and mlp.net[0].weight.grad.abs().sum() > 0
 
@@ -96,7 +102,9 @@ def test_dsm_closed_form(model_kind):
     quad = QuadraticLogDensity(d)
     model = quad if model_kind == "scalar" else LinearScore(d)
     x = torch.randn(batch, d, dtype=torch.float64)
-    loss = dsm_loss(model, x, sigma, reduction="none", generator=torch.Generator().manual_seed(4))
+    output = "log_density" if model_kind == "scalar" else "score"
+    loss = dsm_loss(model, x, sigma, reduction="none", output=output,
+                    generator=torch.Generator().manual_seed(4))
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
     expected = 0.5 * (quad.score(x + sigma * z) + z / sigma).pow(2).sum(1)
     torch.testing.assert_close(loss, expected)
@@ -106,7 +114,8 @@ def test_dsm_per_sample_sigma():
     quad = QuadraticLogDensity(2)
     x = torch.randn(3, 2, dtype=torch.float64)
     sigma = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
-    per = dsm_loss(quad, x, sigma, reduction="none", generator=torch.Generator().manual_seed(0))
+    per = dsm_loss(quad, x, sigma, reduction="none", output="log_density",
+                   generator=torch.Generator().manual_seed(0))
     for i in range(3):
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)[i]
         s = quad.score((x[i] + sigma[i] * z)[None])[0]

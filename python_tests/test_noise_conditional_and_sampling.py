@@ -57,10 +57,10 @@ def test_noise_conditional_fd_dsm_for_scalar_models():
     labels = torch.tensor([0, 2, 4, 9])
     loss = noise_conditional_loss(lambda y, lab: quad(y), x, SIGMAS, method="fd_dsm",
                                   labels=labels, generator=torch.Generator().manual_seed(1),
-                                  reduction="none")
+                                  reduction="none", output="log_density")
     sig = SIGMAS.double()[labels]
     expected = fd_dsm_loss(lambda y, lab: quad(y), x, sig, labels, reduction="none",
-                           generator=torch.Generator().manual_seed(1))
+                           output="log_density", generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(loss, sig**2 * expected)
 
 
@@ -71,7 +71,7 @@ def test_noise_conditional_draws_levels_uniformly():
         seen.append(labels)
         return -x
 
-    noise_conditional_loss(model, torch.randn(4000, 1), SIGMAS, method="dsm")
+    noise_conditional_loss(model, torch.randn(4000, 1), SIGMAS, method="dsm", output="score")
     counts = torch.bincount(seen[0], minlength=10).float()
     assert seen[0].dtype == torch.long
     assert torch.all((counts - 400).abs() < 100), counts

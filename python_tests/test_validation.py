@@ -5,6 +5,7 @@ import torch
 from helpers import MLP
 
 from fdsm_ext import (
+    FDPrecisionWarning,
     annealed_langevin_dynamics,
     dsm_loss,
     exact_sm_loss,
@@ -66,7 +67,9 @@ def test_fd_losses_bad_x(loss, x, error, match):
 @pytest.mark.parametrize(
     "model, output, match",
     [
-        (lambda y: y[:, :2], "auto", r"per-sample scalars .* or scores shaped like x"),
+        (lambda y: y[:, :2], "auto", r"output='auto' the model must return scores shaped like x"),
+        (scalar, "auto", r"per-sample scalars \(shape \(\d+,\)\), which output='auto' does not "
+                         r"guess: pass output='energy' .* output='log_density'"),
         (lambda y: y.sum(1, keepdim=True).expand(-1, 2), "auto", "returned shape"),
         (score, "energy", r"output='energy' the model must return per-sample scalars"),
         (score, "log_density", r"output='log_density' the model must return per-sample"),
@@ -137,7 +140,9 @@ def test_sampler_bad_arguments():
 
 
 def test_half_precision_model_outputs_accumulate_in_float32():
-    """A model that computes in bfloat16 internally still gives a float32 FD-SSM loss."""
+    """A model that returns bfloat16 still gives a float32 FD-SSM loss (and a warning)."""
     mlp = MLP(3).float()
-    loss = fd_ssm_loss(lambda y: mlp(y.bfloat16().float()).bfloat16(), torch.randn(8, 3))
+    with pytest.warns(FDPrecisionWarning):
+        loss = fd_ssm_loss(lambda y: mlp(y.bfloat16().float()).bfloat16(), torch.randn(8, 3),
+                           output="log_density")
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
