@@ -50,7 +50,18 @@ template <typename acc_t>
 inline acc_t sphere_sum_sq(const float* g, int64_t d) {
   const int lanes = sphere_lanes(d);
   acc_t part[kWarpSize] = {};
-  for (int64_t j = 0; 4 * j < d; ++j) {
+  // Whole passes of 4*lanes entries with the lanes innermost, so that this vectorises; each
+  // lane still adds its entries in order.
+  int64_t base = 0;
+  for (; base + 4 * lanes <= d; base += 4 * lanes) {
+    for (int k = 0; k < 4; ++k) {
+      for (int l = 0; l < lanes; ++l) {
+        const acc_t gk = static_cast<acc_t>(g[base + 4 * l + k]);
+        part[l] += gk * gk;
+      }
+    }
+  }
+  for (int64_t j = base / 4; 4 * j < d; ++j) {
     part[j % lanes] = add_squares4(part[j % lanes], g + 4 * j, d - 4 * j);
   }
   for (int h = lanes / 2; h > 0; h /= 2) {

@@ -26,11 +26,13 @@ EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 SOURCES = ["bindings.cpp", "emulator.cpp", "emulator_cases.cpp", "stencil_kernels.cpp",
            "fd_combine_kernels.cpp", "fd_ssm_kernels.cpp", "fd_dsm_kernels.cpp"]
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# (batch B, dimension d, projections P, offsets): d = 1, d not a multiple of 32 with a zero
-# offset in the middle, d > 1024 (more than one block-stride pass in every row kernel).
+# (batch B, dimension d, projections P, offsets): d = 1, d not a multiple of 32, d > 1024
+# (more than one block-stride pass in every row kernel), each with a zero offset in the
+# middle. B and P give every kernel more rows than a capped grid holds (256 rows of d = 1,
+# 8 rows of d = 37 per block), so that the grid-stride loops wrap.
 SHAPES = {
-    "d1": (3, 1, 2, (-1.0, 0.0, 1.0)),
-    "d37": (2, 37, 3, (-2.0, -1.0, 0.0, 1.0, 2.0)),
+    "d1": (300, 1, 2, (-1.0, 0.0, 1.0)),
+    "d37": (20, 37, 3, (-2.0, -1.0, 0.0, 1.0, 2.0)),
     "d1100": (2, 1100, 2, (1.0, 0.0, -1.0)),
 }
 GRID_CAPS = (0, 1, 3)  # 0: the launchers' own grids

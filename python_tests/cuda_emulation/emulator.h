@@ -7,9 +7,10 @@
 // warp. What a GPU would hang on or leave undefined is reported as a KernelFault: a barrier
 // that some threads of the block (or lanes of the warp) never reach, a full-mask shuffle in
 // a partial warp, a partial mask. An invalid launch configuration sets the error that
-// cudaGetLastError() returns, as on a GPU. Not emulated: data races between threads (fibers
-// switch only at barriers, so a missing barrier between a shared-memory write and another
-// thread's read is not seen), device rounding, memory spaces. Single-threaded.
+// cudaGetLastError() returns, as on a GPU. Fibers run in thread order, each to its next
+// barrier, so a missing barrier shows only when a thread reads what a later thread writes
+// (or overwrites what a later thread has yet to read); other races, device rounding and
+// memory spaces are not emulated. Single-threaded.
 
 // Per-block static storage: blocks run one after another, so one copy per kernel is enough.
 #define __shared__ static
