@@ -125,13 +125,16 @@ def test_condition_sigma_calls_the_model_with_the_noise_levels(method):
     quad = QuadraticLogDensity(2)
     if method == "fd_dsm":  # scalar models only
         by_label, by_sigma = (lambda y, lab: quad(y)), (lambda y, sig: quad(y))
+        output = "log_density"
     else:
         by_label, by_sigma = gaussian_ncsn(SIGMAS), gaussian_ncsn_of_sigma
+        output = "score"
     by_sigma = Counting(by_sigma)
     by_label = Counting(by_label)
-    a = noise_conditional_loss(by_label, x, SIGMAS, method=method, seed=9, reduction="none")
+    a = noise_conditional_loss(by_label, x, SIGMAS, method=method, seed=9, reduction="none",
+                               output=output)
     b = noise_conditional_loss(by_sigma, x, SIGMAS, method=method, condition="sigma", seed=9,
-                               reduction="none")
+                               reduction="none", output=output)
     torch.testing.assert_close(b, a)
     labels, sigma = by_label.args[0][0][:6], by_sigma.args[0][0][:6]
     assert labels.dtype == torch.long and sigma.dtype == torch.float64
