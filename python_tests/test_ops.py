@@ -475,6 +475,13 @@ def test_draw_seed():
     assert s.dtype == torch.int64 and s.shape == (1,) and 0 <= int(s) < 2**62
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert int(ops.draw_seed("cpu", g1)) == int(ops.draw_seed("cpu", g2))
+    # Eager draws run the body of the op fdsm::draw_seed (what compiled code calls) directly:
+    # the same key and the same default-generator state afterwards.
+    draws = []
+    for draw in (lambda: ops.draw_seed("cpu"), lambda: torch.ops.fdsm.draw_seed("cpu")):
+        torch.manual_seed(7)
+        draws.append((draw(), torch.randn(2)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
 def test_build_info():
