@@ -4,11 +4,14 @@
     python examples/train_ebm.py --out runs/ebm                 # FD-SSM on built-in 8x8 digits
     python examples/train_ebm.py --method dsm --out runs/dsm    # a baseline, same units
     torchrun --nproc_per_node=2 examples/train_ebm.py --out runs/ebm_ddp   # data parallel
+    python examples/train_ebm.py --condition sigma --out runs/ebm_sigma    # E(x, sigma)
 
 The network is a noise-conditional ENERGY E(x, i) (log-density -E(x, i) + const of the data
 smoothed by N(0, sigma_i^2 I)) for a geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.05
 (configurable), as the paper's deep EBMs follow multi-scale denoising score matching: a
-single noise level is not enough for Langevin sampling to find the digits. Every loss is
+single noise level is not enough for Langevin sampling to find the digits (with
+``--condition sigma`` the energy is E(x, sigma_i), conditioned on the level itself). Every
+loss is
 called with ``output="energy"`` (score = -grad_x E by autograd) through
 ``fdsm_ext.noise_conditional_loss`` (each sample draws a level, sigma_i^2 weighting):
 SSM-type methods (fd_ssm, ssm, ssm_vr, exact) see x + sigma_i z, DSM-type methods (dsm,
@@ -57,6 +60,9 @@ def build_parser():
     p.add_argument("--sigma", type=training.positive_float, default=0.1,
                    help="noise level of the held-out exact SM loss (nearest level is used)")
     p.add_argument("--width", type=training.positive_int, default=32, help="base channels")
+    p.add_argument("--condition", default="label", choices=("label", "sigma"),
+                   help="what the network is conditioned on: the level index (label, default) "
+                        "or the noise level sigma itself (sigma: embedding of log sigma)")
     training.add_common_args(p, steps=4000, batch_size=128, lr=1e-3, ckpt_every=1000,
                              eval_every=500, out="runs/ebm")
     p.add_argument("--eval-size", type=training.positive_int, default=256,
@@ -69,7 +75,8 @@ def build_parser():
     return p
 
 
-def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int = 1):
+def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int = 1,
+              condition: str = "label"):
     """loss_fn(net, x, generator): sigma_i^2-weighted loss of ``method`` over random levels."""
     import fdsm_ext
 
@@ -78,12 +85,13 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int 
             labels = torch.randint(len(sigmas), (len(x),), generator=g, device=x.device)
             sig = sigmas[labels].view(-1, *([1] * (x.dim() - 1)))
             xt = x + sig * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-            per = fdsm_ext.exact_sm_loss(net, xt, labels, output="energy", create_graph=True,
+            cond = labels if condition == "label" else sigmas[labels]
+            per = fdsm_ext.exact_sm_loss(net, xt, cond, output="energy", create_graph=True,
                                          reduction="none")
             return (sigmas[labels] ** 2 * per).mean()
 
         return loss_fn
-    kw = {"method": method, "output": "energy"}
+    kw = {"method": method, "output": "energy", "condition": condition}
     if method in ("fd_ssm", "fd_dsm"):
         kw["eps"] = eps
     if method in ("ssm", "ssm_vr"):
@@ -110,7 +118,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
     sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.n_sigmas)
     model = EnergyNet(in_ch=train_x.shape[1], image_size=train_x.shape[-1], ch=args.width,
-                      sigmas=sigmas)
+                      sigmas=sigmas, condition=args.condition)
     sigmas = sigmas.to(d.device)
 
     # Held-out: exact J_SM at one fixed level, on fixed noise-perturbed held-out images.
@@ -120,14 +128,16 @@ def main(argv=None):
     g_eval = torch.Generator().manual_seed(1234)
     eval_noisy = (eval_x + eval_sigma * torch.randn(eval_x.shape, generator=g_eval)).to(d.device)
     eval_labels = torch.full((len(eval_x),), eval_level, dtype=torch.long, device=d.device)
+    eval_cond = eval_labels if args.condition == "label" else sigmas[eval_labels]
 
     def eval_fn(m):
         with torch.enable_grad():
-            return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_labels, output="energy")
+            return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_cond, output="energy")
 
     history, sec_per_iter = training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,
-        loss_fn=make_loss(args.method, sigmas, args.eps, args.n_projections), eval_fn=eval_fn,
+        loss_fn=make_loss(args.method, sigmas, args.eps, args.n_projections, args.condition),
+        eval_fn=eval_fn,
         use_ddp_hooks=args.method not in DOUBLE_BACKWARD)
     max_diff = training.max_param_difference(model, d)
     mem = training.peak_memory_mb(d.device)
@@ -142,7 +152,8 @@ def main(argv=None):
         eval_label=f"held-out exact SM loss (J_SM, sigma {eval_sigma:.3g})",
         eval_key="final_heldout_exact_sm_loss", test_x=test_x, sec_per_iter=sec_per_iter,
         mem=mem, max_diff=max_diff,
-        extra={"n_projections": args.n_projections, "eval_sigma": eval_sigma})
+        extra={"n_projections": args.n_projections, "eval_sigma": eval_sigma,
+               "condition": args.condition})
     return 0
 
 

@@ -3,10 +3,12 @@
 
     python examples/train_ncsn.py --out runs/ncsn               # FD-SSM on built-in 8x8 digits
     python examples/train_ncsn.py --method dsm --out runs/ncsn_dsm
+    python examples/train_ncsn.py --condition sigma --out runs/ncsn_sigma   # s(x, sigma)
     torchrun --nproc_per_node=2 examples/train_ncsn.py --out runs/ncsn_ddp
 
 The network s(x, i) estimates the score of the data smoothed by N(0, sigma_i^2 I) for a
-geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.01 (paper setting; configurable). Training
+geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.01 (paper setting; configurable); with
+``--condition sigma`` it is s(x, sigma_i), conditioned on the level itself. Training
 uses ``fdsm_ext.noise_conditional_loss`` (each sample draws a level, sigma^2 weighting);
 sampling is annealed Langevin dynamics (paper: 100 steps per level, step_lr 2e-5) from
 uniform noise, with a final denoising step.
@@ -40,6 +42,9 @@ def build_parser():
     p.add_argument("--sigma-min", type=training.positive_float, default=0.01)
     p.add_argument("--n-sigmas", type=training.positive_int, default=10)
     p.add_argument("--width", type=training.positive_int, default=16, help="base channels")
+    p.add_argument("--condition", default="label", choices=("label", "sigma"),
+                   help="what the network is conditioned on: the level index (label, default) "
+                        "or the noise level sigma itself (sigma: embedding of log sigma)")
     training.add_common_args(p, steps=1200, batch_size=128, lr=1e-3, ckpt_every=400,
                              eval_every=200, out="runs/ncsn")
     p.add_argument("--n-samples", type=training.positive_int, default=256)
@@ -50,7 +55,7 @@ def build_parser():
     return p
 
 
-def make_loss(method: str, sigmas: torch.Tensor, eps: float):
+def make_loss(method: str, sigmas: torch.Tensor, eps: float, condition: str = "label"):
     from fdsm_ext import noise_conditional_loss
 
     # output="score": FD-SSM then stacks only [x+v, x-v] (2B rows), no centre block.
@@ -62,7 +67,7 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float):
         kw = {"method": "dsm", "output": "score"}
 
     def loss_fn(net, x, g):
-        return noise_conditional_loss(net, x, sigmas, generator=g, **kw)
+        return noise_conditional_loss(net, x, sigmas, condition=condition, generator=g, **kw)
 
     return loss_fn
 
@@ -78,7 +83,7 @@ def main(argv=None):
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
     sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.n_sigmas)
-    model = ScoreNet(sigmas, in_ch=train_x.shape[1], ch=args.width)
+    model = ScoreNet(sigmas, in_ch=train_x.shape[1], ch=args.width, condition=args.condition)
     sigmas = sigmas.to(d.device)
 
     # Held-out: the sigma^2-weighted denoising loss over all levels, with fixed noise and
@@ -90,11 +95,11 @@ def main(argv=None):
         g = torch.Generator(device=d.device).manual_seed(1234)
         with torch.no_grad():
             return noise_conditional_loss(m, eval_x, sigmas, method="dsm", labels=eval_labels,
-                                          generator=g)
+                                          condition=args.condition, generator=g)
 
     history, sec_per_iter = training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,
-        loss_fn=make_loss(args.method, sigmas, args.eps), eval_fn=eval_fn,
+        loss_fn=make_loss(args.method, sigmas, args.eps, args.condition), eval_fn=eval_fn,
         use_ddp_hooks=args.method != "ssm_vr")
     max_diff = training.max_param_difference(model, d)
     mem = training.peak_memory_mb(d.device)
@@ -107,7 +112,8 @@ def main(argv=None):
         title=f"NCSN ({args.method}), annealed Langevin samples", history=history,
         train_label=f"training loss ({args.method}, sigma^2-weighted)",
         eval_label="held-out denoising loss (all levels)", eval_key="final_heldout_dsm_loss",
-        test_x=test_x, sec_per_iter=sec_per_iter, mem=mem, max_diff=max_diff, extra={})
+        test_x=test_x, sec_per_iter=sec_per_iter, mem=mem, max_diff=max_diff,
+        extra={"condition": args.condition})
     return 0
 
 

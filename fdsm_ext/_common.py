@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,8 +28,9 @@ def check_positive(name: str, value: Any, fn: str) -> None:
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise ValueError(f"{fn}: {name} must be > 0 (floating point), got dtype {value.dtype}")
-        if value.device.type != "cpu":
-            # Checked on the device: reading the result back would sync every training step.
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            # Checked on the device: reading the result back would sync every training step
+            # (and cannot be traced by torch.compile).
             torch._assert_async(torch.all(value > 0), f"{fn}: {name} must be > 0")
         elif not bool(torch.all(value > 0)):
             raise ValueError(f"{fn}: {name} must be > 0 (floating point), got {value}")
@@ -85,21 +86,10 @@ def check_reduction_output(output: str, reduction: str, fn: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS, fn)
 
 
-def repeat_args(args: Sequence[Any], batch: int, copies: int) -> list[Any]:
-    """Repeat every tensor argument with leading dimension ``batch`` ``copies`` times."""
-    if copies == 1:
-        return list(args)
-    return [
-        torch.cat([a] * copies) if isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == batch
-        else a
-        for a in args
-    ]
-
-
 def call_model(
     model: Callable[..., Tensor],
     inputs: Tensor,
-    args: Sequence[Any],
+    args: ModelArgs,
     fn: str,
     batch: int | None = None,
 ) -> Tensor:
@@ -108,7 +98,7 @@ def call_model(
     ``batch``: the user's batch size when ``inputs`` stacks several copies of it (named in
     the error message, so that a row count can be traced back to the stacking).
     """
-    out = model(inputs, *args)
+    out = model(inputs, *args.args, **args.kwargs)
     if not isinstance(out, Tensor):
         raise TypeError(f"{fn}: the model must return a tensor, got {type(out).__name__}")
     if out.dim() == 0 or out.shape[0] != inputs.shape[0]:
@@ -179,7 +169,7 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 def model_score(
     model: Callable[..., Tensor],
     x: Tensor,
-    args: Sequence[Any],
+    args: ModelArgs,
     output: str,
     fn: str,
     create_graph: bool,
@@ -214,3 +204,76 @@ def per_sample_sigma(sigma: float | Tensor, x: Tensor, fn: str) -> Tensor:
             )
         return sigma.to(device=x.device, dtype=x.dtype)
     return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
+
+
+class ModelArgs(NamedTuple):
+    """Extra model inputs, the model being called as ``model(x, *args, **kwargs)``.
+
+    ``per_sample`` holds the positions (int) and names (str) of the per-sample tensors.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    per_sample: frozenset[int | str] = frozenset()
+
+    def repeat(self, copies: int) -> ModelArgs:
+        """The inputs for ``copies`` stacked copies of the batch: per-sample tensors repeated."""
+        if copies == 1:
+            return self
+
+        def rep(key: int | str, a: Any) -> Any:
+            return torch.cat([a] * copies) if key in self.per_sample else a
+
+        return self._replace(
+            args=tuple(rep(i, a) for i, a in enumerate(self.args)),
+            kwargs={k: rep(k, a) for k, a in self.kwargs.items()},
+        )
+
+
+def sort_model_args(
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    shared: int | str | Sequence[int | str],
+    batch: int,
+    fn: str,
+) -> ModelArgs:
+    """Sort the extra model inputs by the rule (shapes are never used to guess):
+
+    a tensor with at least one dimension, positional or keyword, is per-sample (one row per
+    sample of x, so its leading dimension must be B; the losses repeat it for every stacked
+    copy of the batch) unless ``shared`` lists its position or name; shared tensors,
+    0-dimensional tensors and non-tensors are passed unchanged to every call.
+    """
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(
+            f"{fn}: model_kwargs must be a dict of keyword arguments for the model, "
+            f"got {type(kwargs).__name__}"
+        )
+    shared = (shared,) if isinstance(shared, (int, str)) else tuple(shared)
+    for key in shared:
+        if isinstance(key, str):
+            valid = key in kwargs
+        else:
+            valid = isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(args)
+        if not valid:
+            raise ValueError(
+                f"{fn}: shared entry {key!r} names no model argument; shared lists positions "
+                f"in model_args (0..{len(args) - 1}) and keys of model_kwargs "
+                f"({', '.join(map(repr, kwargs)) or 'none'})"
+            )
+    named = [(i, f"model_args[{i}]", a) for i, a in enumerate(args)]
+    named += [(k, f"model_kwargs[{k!r}]", a) for k, a in kwargs.items()]
+    per_sample = set()
+    for key, name, a in named:
+        if not isinstance(a, Tensor) or a.dim() == 0 or key in shared:
+            continue
+        if a.shape[0] != batch:
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(a.shape)}, but a tensor model argument is "
+                f"per-sample (leading dimension B = {batch}, the batch size of x) unless "
+                f"listed in shared=; pass shared=[{key!r}] if it is the same for every sample"
+            )
+        per_sample.add(key)
+    return ModelArgs(tuple(args), dict(kwargs), frozenset(per_sample))

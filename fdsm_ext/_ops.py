@@ -338,17 +338,39 @@ def fd_dsm_scalar(f: Tensor, v: Tensor, target: Tensor, scale: float, sign: floa
     return loss
 
 
+@torch.library.custom_op(
+    "fdsm::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _draw_seed_default(device: torch.device) -> Tensor:
+    # An op of the library, not a bare torch.randint: torch.compile keeps an opaque op as it
+    # is, so compiled code draws the same key from the default generator as eager code and
+    # advances it identically (inductor would replace torch.randint by its own generator).
+    # The nondeterministic_seeded tag keeps two draws from being merged into one, or a draw
+    # from being recomputed in the backward.
+    return _randint_key(device)
+
+
+def _randint_key(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator, device=device)
+
+
+@_draw_seed_default.register_fake
+def _(device):
+    return torch.empty((1,), dtype=torch.int64, device=device)
+
+
 def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
     """A fresh Philox key: int64 tensor of shape (1,) in ``[0, 2^62)`` on ``device``.
 
-    Drawn with ``torch.randint`` from ``generator`` (on the generator's device, then moved)
-    or from torch's default generator of ``device``. It never leaves the device (no
-    ``.item()``), so there is no host synchronisation and ``torch.compile(fullgraph=True)``
-    can trace it.
+    Drawn with ``torch.randint`` from ``generator`` (on the generator's device, then moved;
+    eager only: a Generator cannot be traced by torch.compile) or, through the op
+    ``fdsm::draw_seed``, from torch's default generator of ``device``, the same value in
+    eager and compiled code. It never leaves the device (no ``.item()``), so there is no
+    host synchronisation.
     """
     if generator is not None:
-        seed = torch.randint(
-            0, 2**62, (1,), dtype=torch.int64, generator=generator, device=generator.device
-        )
-        return seed.to(device)
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        return _randint_key(generator.device, generator).to(device)
+    if not torch.compiler.is_compiling():
+        # Eager: the op's body itself, the same draw without the op's dispatch (~30 us).
+        return _randint_key(torch.device(device))
+    return _draw_seed_default(torch.device(device))

@@ -8,7 +8,7 @@ batched into one model call, and scalar models are differentiated twice (double 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,27 +16,29 @@ from torch import Tensor
 
 from ._common import (
     check_choice,
-    check_generator,
     check_int,
     check_reduction_output,
     check_x,
     model_score,
     per_sample_sigma,
-    randn_like,
     reduce,
-    repeat_args,
+    sort_model_args,
 )
+from ._random import NOISE, rademacher, resolve_seed, standard_normal, stream
 
 
 def ssm_loss(
     model: Callable[..., Tensor],
     x: Tensor,
     *model_args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     noise: str = "rademacher",
     n_projections: int = 1,
     variance_reduction: bool = False,
     output: str = "auto",
     reduction: str = "mean",
+    seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Sliced score matching (Song et al. 2019) by autograd, u with E[u u^T] = I.
@@ -46,18 +48,21 @@ def ssm_loss(
         1/2 ||s(x)||^2   + u^T (ds/dx) u        (SSM-VR, ``variance_reduction=True``)
     with s = grad log p by autograd for scalar models (then ds/dx is the Hessian, a double
     backward) or the model output for score models. ``noise``: "rademacher" | "gaussian".
+    ``model_args``, ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in
+    :func:`fdsm_ext.fd_ssm_loss`.
     """
     fn = "ssm_loss"
     check_x(x, fn, finite_differences=False)
     check_reduction_output(output, reduction, fn)
     check_choice("noise", noise, ("rademacher", "gaussian"), fn)
     check_int("n_projections", n_projections, 1, fn)
-    check_generator(generator, fn)
     batch = x.shape[0]
+    inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
+    key = resolve_seed(seed, generator, x.device, fn)
     x_rep = torch.cat([x] * n_projections) if n_projections > 1 else x
-    args = repeat_args(model_args, batch, n_projections)
+    args = inputs.repeat(n_projections)
     score, x_in = model_score(model, x_rep, args, output, fn, create_graph=True)
-    u = _projections(score, noise, generator)
+    u = (rademacher if noise == "rademacher" else standard_normal)(score, key)
     with torch.enable_grad():
         su = (score * u).sum(1)
         (jac_u,) = torch.autograd.grad(su.sum(), x_in, create_graph=True)
@@ -72,8 +77,11 @@ def dsm_loss(
     x: Tensor,
     sigma: float | Tensor,
     *model_args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     output: str = "auto",
     reduction: str = "mean",
+    seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Denoising score matching (Vincent 2011): x~ = x + sigma z, z ~ N(0, I); per sample
@@ -82,16 +90,19 @@ def dsm_loss(
 
     with s the model output (score models, no derivative of the model) or grad log p by
     autograd (scalar models, a double backward in training). ``sigma``: number or (B,).
+    ``model_args``, ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in
+    :func:`fdsm_ext.fd_ssm_loss`; for the same seed z is that of :func:`fdsm_ext.fd_dsm_loss`.
     """
     fn = "dsm_loss"
     check_x(x, fn, finite_differences=False)
     check_reduction_output(output, reduction, fn)
-    check_generator(generator, fn)
     sigma = per_sample_sigma(sigma, x, fn)
-    z = randn_like(x, generator)
+    inputs = sort_model_args(model_args, model_kwargs, shared, x.shape[0], fn)
+    key = resolve_seed(seed, generator, x.device, fn)
+    z = standard_normal(x.reshape(x.shape[0], -1), stream(key, NOISE)).reshape_as(x)
     view = (-1,) + (1,) * (x.dim() - 1)
     x_tilde = x + sigma.view(view) * z
-    score, _ = model_score(model, x_tilde, model_args, output, fn, create_graph=True)
+    score, _ = model_score(model, x_tilde, inputs, output, fn, create_graph=True)
     residual = score + (z / sigma.view(view)).reshape_as(score)
     return reduce(0.5 * (residual * residual).sum(1), reduction)
 
@@ -100,6 +111,8 @@ def exact_sm_loss(
     model: Callable[..., Tensor],
     x: Tensor,
     *model_args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     output: str = "auto",
     reduction: str = "mean",
     create_graph: bool = False,
@@ -111,6 +124,7 @@ def exact_sm_loss(
     time (default: about 1024 stacked rows per model call), each chunk one model call on
     ``chunk_size * B`` rows and one extra backward, so memory stays bounded for any d.
     ``create_graph=True`` keeps the graph for training; by default the value is detached.
+    ``model_args``, ``model_kwargs`` and ``shared`` as in :func:`fdsm_ext.fd_ssm_loss`.
     """
     fn = "exact_sm_loss"
     check_x(x, fn, finite_differences=False)
@@ -119,6 +133,7 @@ def exact_sm_loss(
     if chunk_size is None:
         chunk_size = max(1, min(d, 1024 // batch))
     check_int("chunk_size", chunk_size, 1, fn)
+    inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
 
     norm_term = None
     trace = torch.zeros(batch, dtype=x.dtype, device=x.device)
@@ -126,7 +141,7 @@ def exact_sm_loss(
         dims = torch.arange(start, min(d, start + chunk_size), device=x.device)
         copies = dims.numel()
         x_rep = torch.cat([x] * copies) if copies > 1 else x
-        args = repeat_args(model_args, batch, copies)
+        args = inputs.repeat(copies)
         score, x_in = model_score(model, x_rep, args, output, fn, create_graph=True)
         # Copy j differentiates its own score entry dims[j]: one backward gives a diagonal chunk.
         index = dims.view(-1, 1, 1).expand(copies, batch, 1)
@@ -143,8 +158,3 @@ def exact_sm_loss(
     per_sample = norm_term + trace
     return reduce(per_sample if create_graph else per_sample.detach(), reduction)
 
-
-def _projections(like: Tensor, noise: str, generator: torch.Generator | None) -> Tensor:
-    """Projection vectors with E[u u^T] = I: Rademacher +-1 or standard Gaussian."""
-    u = randn_like(like, generator)
-    return u.sign() if noise == "rademacher" else u

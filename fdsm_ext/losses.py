@@ -7,7 +7,7 @@ directions equals J_SM up to O(eps^2) (see MATH.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,19 +17,19 @@ from . import _ops as ops
 from ._common import (
     NOISES,
     SCALAR,
+    ModelArgs,
     call_model,
     check_choice,
-    check_generator,
     check_int,
     check_positive,
     check_reduction_output,
     check_x,
     output_kind,
     per_sample_sigma,
-    randn_like,
     reduce,
-    repeat_args,
+    sort_model_args,
 )
+from ._random import NOISE, resolve_seed, standard_normal, stream
 from .precision import guard_directional_derivative, guard_fd_dsm, guard_fd_ssm
 from .stencil import check_order_accuracy, fd_stencil
 
@@ -42,12 +42,15 @@ def fd_ssm_loss(
     model: Callable[..., Tensor],
     x: Tensor,
     *model_args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     eps: float = 0.1,
     output: str = "auto",
     noise: str = "sphere",
     n_projections: int = 1,
     variance_reduction: bool = True,
     reduction: str = "mean",
+    seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Finite-difference sliced score matching (Pang et al. 2020), one model call.
@@ -65,9 +68,14 @@ def fd_ssm_loss(
 
     ``output``: "energy" or "log_density" for per-sample scalar models, "score" for score
     models; "auto" accepts score models only (per-sample scalars are refused: their sign is
-    not guessable). Tensor ``model_args``
-    with leading dimension B are repeated for every stacked copy of the batch.
-    ``reduction``: "mean" | "sum" | "none" (per-sample losses, shape (B,)).
+    not guessable). ``reduction``: "mean" | "sum" | "none" (per-sample losses, shape (B,)).
+
+    The model is called as ``model(x, *model_args, **model_kwargs)``. Every tensor among
+    them with at least one dimension is per-sample (leading dimension B; repeated for each
+    stacked copy of the batch) unless ``shared`` lists its position or keyword name; shapes
+    are never used to guess. ``seed`` (an int or int64 tensor, traceable by torch.compile)
+    or ``generator`` (eager only) fixes the random draws; by default they come from torch's
+    default generator, the same in eager and compiled code.
 
     Precision: rounding of the model output adds noise of about u*|L|*d/eps^2 per sample
     (scalar models) or u*||s||*sqrt(d)/eps (score models), u the unit round-off of the
@@ -84,18 +92,17 @@ def fd_ssm_loss(
     check_reduction_output(output, reduction, fn)
     check_choice("noise", noise, NOISES, fn)
     check_int("n_projections", n_projections, 1, fn)
-    check_generator(generator, fn)
 
     batch, event_shape = x.shape[0], x.shape[1:]
     x2 = x.reshape(batch, -1)
     d = x2.shape[1]
+    inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
     offsets = _SCALAR_OFFSETS if output in ("energy", "log_density") else _SCORE_OFFSETS
-    seed = ops.draw_seed(x.device, generator)
-    stacked, v = ops.random_stencil_batch(x2, seed, offsets, n_projections, noise, float(eps))
+    key = resolve_seed(seed, generator, x.device, fn)
+    stacked, v = ops.random_stencil_batch(x2, key, offsets, n_projections, noise, float(eps))
     n_blocks = stacked.shape[0] // batch
     out = call_model(
-        model, stacked.reshape(-1, *event_shape), repeat_args(model_args, batch, n_blocks), fn,
-        batch=batch,
+        model, stacked.reshape(-1, *event_shape), inputs.repeat(n_blocks), fn, batch=batch
     )
     kind, sign = output_kind(out, event_shape, output, fn)
     scale = d / eps**2
@@ -113,9 +120,12 @@ def fd_dsm_loss(
     x: Tensor,
     sigma: float | Tensor,
     *model_args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     eps: float = 0.1,
     output: str = "auto",
     reduction: str = "mean",
+    seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Finite-difference denoising score matching for scalar models, one model call.
@@ -128,6 +138,8 @@ def fd_dsm_loss(
     loss. ``sigma``: a number or a per-sample tensor (B,). Score models need no finite
     differences for DSM: use :func:`fdsm_ext.dsm_loss`. ``output``: "energy" or
     "log_density" ("auto" refuses per-sample scalars, whose sign it cannot guess).
+    ``model_args``, ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in
+    :func:`fd_ssm_loss` (z and v both follow the seed).
 
     Precision: with a the bracket above and e ~ u*|L| the rounding of the model outputs
     (u as in :func:`fd_ssm_loss`), the loss loses about u*|L|*sqrt(2 d loss)/eps +
@@ -138,21 +150,19 @@ def fd_dsm_loss(
     check_x(x, fn, finite_differences=True)
     check_positive("eps", eps, fn)
     check_reduction_output(output, reduction, fn)
-    check_generator(generator, fn)
     if output == "score":
         raise ValueError(f"{fn}: output='score' needs no finite differences; use dsm_loss")
     batch, event_shape = x.shape[0], x.shape[1:]
     sigma = per_sample_sigma(sigma, x, fn)
+    inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
 
-    z = randn_like(x, generator).reshape(batch, -1)
-    x_tilde = x.reshape(batch, -1) + sigma[:, None] * z
+    key = resolve_seed(seed, generator, x.device, fn)
+    x2 = x.reshape(batch, -1)
+    z = standard_normal(x2, stream(key, NOISE))
+    x_tilde = x2 + sigma[:, None] * z
     target = z / sigma[:, None]
-    seed = ops.draw_seed(x.device, generator)
-    stacked, v = ops.random_stencil_batch(x_tilde, seed, _SCORE_OFFSETS, 1, "sphere", float(eps))
-    out = call_model(
-        model, stacked.reshape(-1, *event_shape), repeat_args(model_args, batch, 2), fn,
-        batch=batch,
-    )
+    stacked, v = ops.random_stencil_batch(x_tilde, key, _SCORE_OFFSETS, 1, "sphere", float(eps))
+    out = call_model(model, stacked.reshape(-1, *event_shape), inputs.repeat(2), fn, batch=batch)
     kind, sign = output_kind(out, event_shape, output, fn)
     if kind != SCALAR:
         raise ValueError(
@@ -196,7 +206,7 @@ def fd_directional_derivative(
     stacked = ops.stencil_batch(
         x.reshape(batch, -1), v.reshape(batch, -1), [float(g) for g in offsets]
     )
-    y = call_model(f, stacked.reshape(-1, *event_shape), (), fn, batch=batch)
+    y = call_model(f, stacked.reshape(-1, *event_shape), ModelArgs(), fn, batch=batch)
     combined = ops.fd_combine(y.reshape(y.shape[0], -1), [float(w) for w in weights])
     guard_directional_derivative(fn, y, combined, [float(w) for w in weights], order)
     return combined.reshape(batch, *y.shape[1:])

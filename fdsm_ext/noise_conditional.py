@@ -9,19 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import (
-    check_choice,
-    check_generator,
-    check_int,
-    check_positive,
-    check_x,
-    randn_like,
-    reduce,
-)
+from ._common import check_choice, check_int, check_positive, check_x, reduce
+from ._random import LEVELS, NOISE, resolve_seed, standard_normal, stream, uniform_levels
 from .baselines import dsm_loss, ssm_loss
 from .losses import fd_dsm_loss, fd_ssm_loss
 
 METHODS = {"fd_ssm": fd_ssm_loss, "ssm": ssm_loss, "dsm": dsm_loss, "fd_dsm": fd_dsm_loss}
+CONDITIONS = ("label", "sigma")
 
 
 def geometric_sigmas(
@@ -45,47 +39,57 @@ def noise_conditional_loss(
     sigmas: Sequence[float] | Tensor,
     *,
     method: str = "fd_ssm",
+    condition: str = "label",
     labels: Tensor | None = None,
+    seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
     **estimator_kwargs: Any,
 ) -> Tensor:
     """Multi-scale score matching: E_i[ sigma_i^2 J_method(x~ | i) ], x~ = x + sigma_i z.
 
-    Each sample draws a level i uniformly (unless ``labels`` (B,) are given); the model is
-    called as ``model(x_tilde, labels)`` through the estimator ``method``: "fd_ssm" and
-    "ssm" (on the perturbed data; pass ``variance_reduction`` etc. in ``estimator_kwargs``),
-    "dsm" and "fd_dsm" (which perturb x with sigma_i themselves). Each sample is weighted by
-    lambda(sigma_i) = sigma_i^2. ``reduction`` in ``estimator_kwargs`` applies to the
-    weighted per-sample losses (default "mean").
+    Each sample draws a level i uniformly (unless ``labels``, a LongTensor (B,) of level
+    indices, are given) and the model is conditioned on it through ``condition``:
+
+    * ``"label"``: ``model(x_tilde, labels)`` with the level indices (LongTensor (B,));
+    * ``"sigma"``: ``model(x_tilde, sigma)`` with the noise levels sigma_i themselves
+      (tensor (B,) in x's dtype), as networks conditioned on a continuous noise level take.
+
+    ``method`` is the estimator: "fd_ssm" and "ssm" (on the perturbed data; pass
+    ``variance_reduction`` etc. in ``estimator_kwargs``), "dsm" and "fd_dsm" (which perturb
+    x with sigma_i themselves). Each sample is weighted by lambda(sigma_i) = sigma_i^2.
+    ``reduction`` in ``estimator_kwargs`` applies to the weighted per-sample losses (default
+    "mean"); ``model_kwargs`` and ``shared`` pass through to the estimator (the condition
+    is its ``model_args[0]``). ``seed`` or ``generator`` fixes the level draw, the noise and
+    the estimator's draws, as in :func:`fdsm_ext.fd_ssm_loss`.
     """
     fn = "noise_conditional_loss"
     check_choice("method", method, tuple(METHODS), fn)
+    check_choice("condition", condition, CONDITIONS, fn)
     check_x(x, fn, finite_differences=False)
-    check_generator(generator, fn)
     sigmas = torch.as_tensor(sigmas, dtype=x.dtype, device=x.device).reshape(-1)
     if sigmas.numel() == 0:
         raise ValueError(f"{fn}: sigmas must hold at least one noise level")
     check_positive("sigmas", sigmas, fn)
     batch = x.shape[0]
+    key = resolve_seed(seed, generator, x.device, fn)
     if labels is None:
-        device = generator.device if generator is not None else x.device
-        labels = torch.randint(
-            len(sigmas), (batch,), generator=generator, device=device
-        ).to(x.device)
-    elif labels.shape != (batch,) or labels.dtype != torch.long:
+        labels = uniform_levels(stream(key, LEVELS), batch, len(sigmas), x.device)
+    elif not isinstance(labels, Tensor) or labels.shape != (batch,) or labels.dtype != torch.long:
         raise ValueError(
             f"{fn}: labels must be a LongTensor of shape ({batch},), got "
-            f"{labels.dtype} {tuple(labels.shape)}"
+            + (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor)
+               else type(labels).__name__)
         )
     reduction = estimator_kwargs.pop("reduction", "mean")
     check_choice("reduction", reduction, ("mean", "sum", "none"), fn)
     sigma = sigmas[labels]
+    cond = labels if condition == "label" else sigma
     estimator = METHODS[method]
-    kwargs = dict(estimator_kwargs, reduction="none", generator=generator)
+    kwargs = dict(estimator_kwargs, reduction="none", seed=key)
     if method in ("dsm", "fd_dsm"):
-        per_sample = estimator(model, x, sigma, labels, **kwargs)
+        per_sample = estimator(model, x, sigma, cond, **kwargs)
     else:
-        view = (-1,) + (1,) * (x.dim() - 1)
-        x_tilde = x + sigma.view(view) * randn_like(x, generator)
-        per_sample = estimator(model, x_tilde, labels, **kwargs)
+        z = standard_normal(x.reshape(batch, -1), stream(key, NOISE)).reshape_as(x)
+        x_tilde = x + sigma.view((-1,) + (1,) * (x.dim() - 1)) * z
+        per_sample = estimator(model, x_tilde, cond, **kwargs)
     return reduce(sigma**2 * per_sample, reduction)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._common import (
     OUTPUTS,
+    ModelArgs,
     call_model,
     check_choice,
     check_generator,
@@ -20,11 +21,13 @@ from ._common import (
     model_score,
     output_kind,
     randn_like,
+    sort_model_args,
 )
+from .noise_conditional import CONDITIONS
 
 
 def _score(
-    model: Callable[..., Tensor], x: Tensor, args: Sequence[Any], output: str, fn: str
+    model: Callable[..., Tensor], x: Tensor, args: ModelArgs, output: str, fn: str
 ) -> Tensor:
     """Detached score at x, shaped like x; score models run without building a graph."""
     if output in ("score", "auto"):
@@ -39,7 +42,7 @@ def _score(
 def _step(
     model: Callable[..., Tensor],
     x: Tensor,
-    args: Sequence[Any],
+    args: ModelArgs,
     alpha: float,
     output: str,
     generator: torch.Generator | None,
@@ -56,6 +59,8 @@ def langevin_dynamics(
     n_steps: int,
     step_size: float,
     *model_args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     output: str = "auto",
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -64,8 +69,10 @@ def langevin_dynamics(
 
     s is the model output (score models, ``output="score"`` or "auto") or grad log p by
     autograd (scalar models: declare ``output="energy"`` or ``"log_density"``; "auto"
-    refuses per-sample scalars, whose sign it cannot guess). Returns the final samples
-    (detached).
+    refuses per-sample scalars, whose sign it cannot guess), the model called as
+    ``model(x, *model_args, **model_kwargs)`` (tensors among them per-sample, leading
+    dimension B, unless ``shared`` lists them, as in :func:`fdsm_ext.fd_ssm_loss`). Returns
+    the final samples (detached).
     """
     fn = "langevin_dynamics"
     check_x(x, fn, finite_differences=False)
@@ -73,9 +80,10 @@ def langevin_dynamics(
     check_positive("step_size", step_size, fn)
     check_choice("output", output, OUTPUTS, fn)
     check_generator(generator, fn)
+    inputs = sort_model_args(model_args, model_kwargs, shared, x.shape[0], fn)
     x = x.detach()
     for _ in _progress(range(n_steps), progress, "langevin"):
-        x = _step(model, x, model_args, step_size, output, generator, fn)
+        x = _step(model, x, inputs, step_size, output, generator, fn)
     return x
 
 
@@ -86,6 +94,9 @@ def annealed_langevin_dynamics(
     n_steps_each: int = 100,
     step_lr: float = 2e-5,
     *,
+    condition: str = "label",
+    model_kwargs: Mapping[str, Any] | None = None,
+    shared: Sequence[int | str] = (),
     output: str = "auto",
     denoise: bool = True,
     generator: torch.Generator | None = None,
@@ -94,31 +105,42 @@ def annealed_langevin_dynamics(
     """Annealed Langevin dynamics (Song & Ermon 2019) for noise-conditional models.
 
     For each level i (sigmas in decreasing order), alpha_i = step_lr (sigma_i/sigma_L)^2 and
-    ``n_steps_each`` times: x <- x + alpha_i s(x, i) + sqrt(2 alpha_i) z, where the model is
-    called as ``model(x, labels)`` with labels = i (LongTensor (B,)). With ``denoise``, a
-    final step x <- x + sigma_L^2 s(x, L-1) removes the last level's noise (Tweedie).
-    Returns the final samples (detached).
+    ``n_steps_each`` times: x <- x + alpha_i s(x, i) + sqrt(2 alpha_i) z. The model is
+    conditioned as in :func:`fdsm_ext.noise_conditional_loss`: ``condition="label"`` calls
+    ``model(x, labels, **model_kwargs)`` with labels = i (LongTensor (B,)), ``"sigma"``
+    calls ``model(x, sigma, **model_kwargs)`` with sigma = sigma_i (tensor (B,) in x's
+    dtype). With ``denoise``, a final step x <- x + sigma_L^2 s(x, L-1) removes the last
+    level's noise (Tweedie). Returns the final samples (detached).
     """
     fn = "annealed_langevin_dynamics"
     check_x(x, fn, finite_differences=False)
     check_int("n_steps_each", n_steps_each, 1, fn)
     check_positive("step_lr", step_lr, fn)
     check_choice("output", output, OUTPUTS, fn)
+    check_choice("condition", condition, CONDITIONS, fn)
     check_generator(generator, fn)
     sigmas = [float(s) for s in torch.as_tensor(sigmas).reshape(-1).tolist()]
     if not sigmas:
         raise ValueError(f"{fn}: sigmas must hold at least one noise level")
     for s in sigmas:
         check_positive("sigmas", s, fn)
+    batch = x.shape[0]
+    base = sort_model_args((), model_kwargs, shared, batch, fn)
+
+    def inputs(level: int) -> ModelArgs:
+        if condition == "label":
+            cond = torch.full((batch,), level, dtype=torch.long, device=x.device)
+        else:
+            cond = torch.full((batch,), sigmas[level], dtype=x.dtype, device=x.device)
+        return base._replace(args=(cond,), per_sample=base.per_sample | {0})
+
     x = x.detach()
     steps = [(i, step_lr * (s / sigmas[-1]) ** 2) for i, s in enumerate(sigmas)]
     schedule = [step for step in steps for _ in range(n_steps_each)]
     for level, alpha in _progress(schedule, progress, "annealed langevin"):
-        labels = torch.full((x.shape[0],), level, dtype=torch.long, device=x.device)
-        x = _step(model, x, (labels,), alpha, output, generator, fn)
+        x = _step(model, x, inputs(level), alpha, output, generator, fn)
     if denoise:
-        labels = torch.full((x.shape[0],), len(sigmas) - 1, dtype=torch.long, device=x.device)
-        x = x + sigmas[-1] ** 2 * _score(model, x, (labels,), output, fn)
+        x = x + sigmas[-1] ** 2 * _score(model, x, inputs(len(sigmas) - 1), output, fn)
     return x
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import MLP, Counting, LinearScore, QuadraticLogDensity
+from helpers import MLP, Counting, LinearScore, QuadraticLogDensity, philox_normal
 from torch import nn
 
-from fdsm_ext import dsm_loss, exact_sm_loss, ssm_loss
+from fdsm_ext import dsm_loss, exact_sm_loss, reference, ssm_loss
 
 
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
@@ -21,11 +21,8 @@ def test_ssm_matches_closed_form_with_same_projections(noise, variance_reduction
     }[model_kind]
     x = torch.randn(batch, d, dtype=torch.float64)
     loss = ssm_loss(model, x, noise=noise, n_projections=n_proj, output=output,
-                    variance_reduction=variance_reduction, reduction="none",
-                    generator=torch.Generator().manual_seed(2))
-    u = torch.randn(n_proj * batch, d, generator=torch.Generator().manual_seed(2),
-                    dtype=torch.float64)
-    u = u.sign() if noise == "rademacher" else u
+                    variance_reduction=variance_reduction, reduction="none", seed=2)
+    u = reference.philox_directions(2, n_proj * batch, d, noise).double()
     s = quad.score(x).repeat(n_proj, 1)
     first = 0.5 * (s * s).sum(1) if variance_reduction else 0.5 * (u * s).sum(1) ** 2
     expected = first - ((u @ quad.A) * u).sum(1)
@@ -103,9 +100,8 @@ def test_dsm_closed_form(model_kind):
     model = quad if model_kind == "scalar" else LinearScore(d)
     x = torch.randn(batch, d, dtype=torch.float64)
     output = "log_density" if model_kind == "scalar" else "score"
-    loss = dsm_loss(model, x, sigma, reduction="none", output=output,
-                    generator=torch.Generator().manual_seed(4))
-    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    loss = dsm_loss(model, x, sigma, reduction="none", output=output, seed=4)
+    z = philox_normal(4, batch, d)
     expected = 0.5 * (quad.score(x + sigma * z) + z / sigma).pow(2).sum(1)
     torch.testing.assert_close(loss, expected)
 
@@ -114,9 +110,8 @@ def test_dsm_per_sample_sigma():
     quad = QuadraticLogDensity(2)
     x = torch.randn(3, 2, dtype=torch.float64)
     sigma = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
-    per = dsm_loss(quad, x, sigma, reduction="none", output="log_density",
-                   generator=torch.Generator().manual_seed(0))
+    per = dsm_loss(quad, x, sigma, reduction="none", output="log_density", seed=0)
     for i in range(3):
-        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)[i]
+        z = philox_normal(0, 3, 2)[i]
         s = quad.score((x[i] + sigma[i] * z)[None])[0]
         torch.testing.assert_close(per[i], 0.5 * (s + z / sigma[i]).pow(2).sum())

@@ -64,66 +64,106 @@ def read_ckpt(out):
 
 
 # --------------------------------------------------------------------------- smoke runs
-@pytest.mark.parametrize("method", ["fd_ssm"])
-def test_ebm_smoke(tmp_path, method):
+@pytest.mark.parametrize("method, condition", [("fd_ssm", "label"), ("fd_ssm", "sigma")])
+def test_ebm_smoke(tmp_path, method, condition):
     out = str(tmp_path / method)
-    run(EBM, "--method", method, "--steps", "3", "--out", out, *TINY_EBM)
+    run(EBM, "--method", method, "--condition", condition, "--steps", "3", "--out", out,
+        *TINY_EBM)
     for f in ("samples.png", "curves.png", "metrics.json", "checkpoint.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["method"] == method and m["steps"] == 3 and len(m["sigmas"]) == 3
+    assert m["condition"] == condition
     assert m["samples_finite"] and m["eval_sigma"] in m["sigmas"]
     assert np.isfinite(m["final_heldout_exact_sm_loss"])
     assert m["seconds_per_iteration"] > 0 and m["peak_rss_mb"] > 0
     assert np.isfinite(m["mmd2_samples_vs_heldout"]) and m["mmd2_init_noise_vs_heldout"] > 0
 
 
-def test_ncsn_smoke(tmp_path):
+@pytest.mark.parametrize("condition", ["label", "sigma"])
+def test_ncsn_smoke(tmp_path, condition):
     out = str(tmp_path / "ncsn")
-    run(NCSN, "--steps", "3", "--out", out, *TINY_NCSN)
+    run(NCSN, "--steps", "3", "--condition", condition, "--out", out, *TINY_NCSN)
     for f in ("samples.png", "curves.png", "metrics.json", "checkpoint.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["method"] == "fd_ssm" and len(m["sigmas"]) == 3 and m["samples_finite"]
+    assert m["condition"] == condition
     assert np.isfinite(m["final_heldout_dsm_loss"])
 
 
-@pytest.mark.parametrize("method", ["ssm", "ssm_vr", "exact", "fd_dsm", "dsm"])
-def test_ebm_loss_methods_step(method):
+@pytest.mark.parametrize("method, condition", [
+    ("ssm", "label"), ("ssm_vr", "label"), ("exact", "label"), ("fd_dsm", "label"),
+    ("dsm", "label"), ("exact", "sigma"), ("fd_dsm", "sigma")])
+def test_ebm_loss_methods_step(method, condition):
     """Every --method gives a finite loss with gradients for the noise-conditional energy."""
     ebm = load_script(EBM)
     models = common("models")
     torch.manual_seed(0)
     sigmas = torch.tensor([1.0, 0.1, 0.01])
-    net = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas)
+    net = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas, condition=condition)
     x = torch.rand(4, 1, 8, 8)
-    loss = ebm.make_loss(method, sigmas, 0.1)(net, x, torch.Generator().manual_seed(0))
+    loss = ebm.make_loss(method, sigmas, 0.1, condition=condition)(
+        net, x, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-def test_conditional_energy_net_starts_as_unconditional_over_sigma():
+@pytest.mark.parametrize("condition", ["label", "sigma"])
+def test_conditional_energy_net_starts_as_unconditional_over_sigma(condition):
     """Same initialisation; zero-initialised FiLM: E(x, i) = E(x) / sigma_i at the start."""
     models = common("models")
     torch.manual_seed(0)
     plain = models.EnergyNet(image_size=8, ch=8)
     torch.manual_seed(0)
-    cond = models.EnergyNet(image_size=8, ch=8, sigmas=[1.0, 0.1])
+    net = models.EnergyNet(image_size=8, ch=8, sigmas=[1.0, 0.1], condition=condition)
     x = torch.rand(3, 1, 8, 8)
-    expected = plain(x) / torch.tensor([1.0, 0.1, 0.1])
-    torch.testing.assert_close(cond(x, torch.tensor([0, 1, 1])), expected)
+    sigma = torch.tensor([1.0, 0.1, 0.1])
+    expected = plain(x) / sigma
+    c = torch.tensor([0, 1, 1]) if condition == "label" else sigma
+    torch.testing.assert_close(net(x, c), expected)
 
 
-@pytest.mark.parametrize("method", ["ssm_vr", "dsm"])
-def test_ncsn_loss_methods_step(method):
+@pytest.mark.parametrize("net_name", ["ScoreNet", "EnergyNet"])
+def test_sigma_conditioned_network_is_the_label_network_with_an_embedded_table(net_name):
+    """A sigma-conditioned network equals the label-conditioned one whose per-level table
+    holds the sigma embedding at the ladder's levels (same other weights): the conditioning
+    enters only through the embedding, and the 1/sigma output scaling uses the given sigma."""
+    models = common("models")
+    sigmas = torch.tensor([1.0, 0.3, 0.1])
+    torch.manual_seed(0)
+    if net_name == "ScoreNet":
+        by_sigma = models.ScoreNet(sigmas, ch=8, condition="sigma")
+        by_label = models.ScoreNet(sigmas, ch=8)
+        table, embedding = by_label.embed, by_sigma.embed
+    else:
+        by_sigma = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas, condition="sigma")
+        by_label = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas)
+        torch.nn.init.normal_(by_sigma.film.mlp[-1].weight, std=0.1)  # levels differ
+        table, embedding = by_label.film, by_sigma.film
+    state = {k: v for k, v in by_sigma.state_dict().items()
+             if not k.startswith(("embed.", "film."))}
+    by_label.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        table.weight.copy_(embedding(sigmas))
+    x = torch.rand(4, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 1])
+    torch.testing.assert_close(by_sigma(x, sigmas[labels]), by_label(x, labels))
+    # A level between the trained ones is accepted and gives a different output.
+    assert not torch.allclose(by_sigma(x, torch.full((4,), 0.2)), by_sigma(x, sigmas[labels]))
+
+
+@pytest.mark.parametrize("method, condition", [("ssm_vr", "label"), ("dsm", "label"),
+                                               ("dsm", "sigma")])
+def test_ncsn_loss_methods_step(method, condition):
     ncsn = load_script(NCSN)
     models = common("models")
     torch.manual_seed(0)
     sigmas = torch.tensor([1.0, 0.1, 0.01])
-    net = models.ScoreNet(sigmas, ch=8)
-    loss = ncsn.make_loss(method, sigmas, 0.1)(net, torch.rand(4, 1, 8, 8),
-                                               torch.Generator().manual_seed(0))
+    net = models.ScoreNet(sigmas, ch=8, condition=condition)
+    loss = ncsn.make_loss(method, sigmas, 0.1, condition)(net, torch.rand(4, 1, 8, 8),
+                                                          torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
 
@@ -256,6 +296,8 @@ def test_load_idx_dataset(tmp_path, name):
     assert cond(tr[:2], torch.tensor([0, 1])).shape == (2,)
     sn = models.ScoreNet([1.0, 0.1], ch=4)
     assert sn(tr[:2], torch.tensor([0, 1])).shape == (2, 1, 28, 28)
+    sn = models.ScoreNet([1.0, 0.1], ch=4, condition="sigma")
+    assert sn(tr[:2], torch.tensor([0.7, 0.2])).shape == (2, 1, 28, 28)
 
 
 def test_digits_split():

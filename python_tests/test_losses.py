@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from helpers import MLP, Counting, LinearScore, QuadraticLogDensity
+from helpers import MLP, Counting, LinearScore, QuadraticLogDensity, philox_normal
 
 from fdsm_ext import _ops as ops
-from fdsm_ext import exact_sm_loss, fd_directional_derivative, fd_dsm_loss, fd_ssm_loss
+from fdsm_ext import exact_sm_loss, fd_directional_derivative, fd_dsm_loss, fd_ssm_loss, reference
 
 NOISES = ["sphere", "gaussian", "rademacher"]
 
@@ -143,13 +143,11 @@ def test_fd_dsm_quadratic_closed_form(energy, per_sample_sigma):
     sigma = torch.linspace(0.1, 0.5, batch, dtype=torch.float64) if per_sample_sigma else 0.3
     model = (lambda y: -quad(y)) if energy else quad
     loss = fd_dsm_loss(model, x, sigma, eps=eps, output="energy" if energy else "log_density",
-                       reduction="none", generator=torch.Generator().manual_seed(5))
-    gen = torch.Generator().manual_seed(5)
-    z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+                       reduction="none", seed=5)
+    z = philox_normal(5, batch, d)
     sig = torch.as_tensor(sigma, dtype=x.dtype).expand(batch)[:, None]
     x_tilde = x + sig * z
-    _, v = ops.random_stencil_batch(x_tilde, ops.draw_seed(x.device, gen), (1.0, -1.0), 1,
-                                    "sphere", eps)
+    _, v = reference.random_stencil_batch(x_tilde, 5, (1.0, -1.0), 1, "sphere", eps)
     expected = d / (2 * eps**2) * ((v * (quad.score(x_tilde) + z / sig)).sum(1)) ** 2
     torch.testing.assert_close(loss, expected)
 

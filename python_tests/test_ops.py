@@ -527,6 +527,13 @@ def test_draw_seed():
     assert s.dtype == torch.int64 and s.shape == (1,) and 0 <= int(s) < 2**62
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert int(ops.draw_seed("cpu", g1)) == int(ops.draw_seed("cpu", g2))
+    # Eager draws run the body of the op fdsm::draw_seed (what compiled code calls) directly:
+    # the same key and the same default-generator state afterwards.
+    draws = []
+    for draw in (lambda: ops.draw_seed("cpu"), lambda: torch.ops.fdsm.draw_seed("cpu")):
+        torch.manual_seed(7)
+        draws.append((draw(), torch.randn(2)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
 def test_build_info():
@@ -538,8 +545,6 @@ def test_build_info():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    import torch._inductor.config as inductor_config
-
     def loss_fn(x, seed):
         stacked, v = ops.random_stencil_batch(x, seed, [0.0, 1.0, -1.0], 2, "sphere", 0.1)
         f = (stacked**2).sum(1) * -0.5
@@ -551,10 +556,9 @@ def test_torch_compile_fullgraph_matches_eager():
     eager = loss_fn(x, seed)
     (grad_eager,) = torch.autograd.grad(eager, x)
     torch._dynamo.reset()
-    with inductor_config.patch(fallback_random=True):
-        compiled = torch.compile(loss_fn, fullgraph=True)
-        out = compiled(x, seed)
-        (grad_compiled,) = torch.autograd.grad(out, x)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    out = compiled(x, seed)
+    (grad_compiled,) = torch.autograd.grad(out, x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad_compiled, grad_eager)
 

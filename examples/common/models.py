@@ -11,9 +11,15 @@ model on a stacked batch [x + v, x - v, ...], and batch statistics would couple 
   convolution and the hidden layer of the head, and the energy is divided by sigma_i so the
   score -grad_x E scales like 1/sigma_i (the energy version of NCSN's output / sigma).
 - :class:`ScoreNet`: a small U-Net score network for noise-conditional training (NCSN).
-  Conditioning on the noise level by a learned embedding of the level index that scales and
+  Conditioning on the noise level by a learned embedding of the level that scales and
   shifts every GroupNorm (a FiLM / conditional-norm layer), output divided by sigma
   (as in NCSNv2) so the network predicts a unit-scale quantity at every level.
+
+Both networks take the noise level in one of two forms (``condition``, as in
+``fdsm_ext.noise_conditional_loss``): ``"label"``, the index i of a fixed ladder (a learned
+table, one row per level), or ``"sigma"``, the level sigma itself (a float tensor (B,)),
+embedded by :class:`SigmaEmbedding` from log sigma, so any sigma in or between the
+trained levels can be used.
 """
 
 from __future__ import annotations
@@ -33,6 +39,37 @@ def _n_down(image_size: int, min_size: int) -> int:
     return n
 
 
+class SigmaEmbedding(nn.Module):
+    """Embedding of a continuous noise level: Fourier features of log sigma, then an MLP.
+
+    ``forward(sigma)`` with sigma (B,) > 0 returns (B, dim): [sin(2 pi f_k log sigma),
+    cos(2 pi f_k log sigma)] for fixed frequencies f_k = 2^k / 16 (k < 8: periods from
+    16 down to 1/8 in log sigma), followed by Linear-SiLU-Linear.
+    """
+
+    def __init__(self, dim: int, n_freqs: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(n_freqs, dtype=torch.float32) / 16)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, sigma):
+        phase = 2 * math.pi * sigma.float().log()[:, None] * self.freqs
+        return self.mlp(torch.cat([phase.sin(), phase.cos()], dim=1))
+
+
+def _level_embedding(condition: str, n_levels: int, dim: int) -> nn.Module:
+    if condition == "label":
+        return nn.Embedding(n_levels, dim)
+    if condition == "sigma":
+        return SigmaEmbedding(dim)
+    raise ValueError(f"condition must be 'label' or 'sigma', got {condition!r}")
+
+
+def _sigma_of(condition: str, sigmas, c):
+    """The noise level (B,) of the conditioning input c (indices or levels)."""
+    return sigmas[c] if condition == "label" else c.to(sigmas.dtype)
+
+
 class EnergyResBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
@@ -49,13 +86,14 @@ class EnergyNet(nn.Module):
     """Convolutional energy network; ``forward(x)`` returns the energy, shape (B,).
 
     With ``sigmas`` (a decreasing noise ladder) the network is noise-conditional:
-    ``forward(x, labels)`` with ``labels`` a LongTensor (B,) of indices into ``sigmas``
-    returns E(x, i) / sigma_i. Without ``sigmas`` the network (and its initialisation) is
-    the unconditional one.
+    ``forward(x, c)`` returns E(x, sigma) / sigma, with ``c`` a LongTensor (B,) of indices
+    into ``sigmas`` (``condition="label"``) or the noise levels sigma themselves, a float
+    tensor (B,) (``condition="sigma"``). Without ``sigmas`` the network (and its
+    initialisation) is the unconditional one.
     """
 
     def __init__(self, in_ch: int = 1, image_size: int = 8, ch: int = 32, head_dim: int = 128,
-                 sigmas=None):
+                 sigmas=None, condition: str = "label"):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_ch, ch, 3, padding=1), EnergyResBlock(ch)]
         size, c = image_size, ch
@@ -71,24 +109,28 @@ class EnergyNet(nn.Module):
         self.local = nn.Conv2d(ch, 8, 1)
         self.register_buffer(
             "sigmas", None if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32))
+        self.condition = condition
         if sigmas is not None:
             self.film_sizes = [*widths, head_dim]
             # Per-level (scale, shift) for every stage; zero init = the same network at
             # every level at the start, the levels then differentiate smoothly.
-            self.film = nn.Embedding(len(sigmas), 2 * sum(self.film_sizes))
-            nn.init.zeros_(self.film.weight)
+            self.film = _level_embedding(condition, len(sigmas), 2 * sum(self.film_sizes))
+            last = self.film if condition == "label" else self.film.mlp[-1]
+            nn.init.zeros_(last.weight)
+            if condition == "sigma":
+                nn.init.zeros_(last.bias)
 
-    def forward(self, x, labels=None):
+    def forward(self, x, cond=None):
         if self.sigmas is None:
-            if labels is not None:
-                raise ValueError("labels given to an unconditional EnergyNet (no sigmas)")
+            if cond is not None:
+                raise ValueError("a noise level given to an unconditional EnergyNet (no sigmas)")
             h0 = self.features[:2](x)
             h = F.softplus(self.features[2:](h0)).flatten(1)
             h = self.head(F.softplus(self.fc(h)))
         else:
-            if labels is None:
-                raise ValueError("a noise-conditional EnergyNet needs labels")
-            films = self.film(labels).split([2 * n for n in self.film_sizes], dim=1)
+            if cond is None:
+                raise ValueError("a noise-conditional EnergyNet needs its noise level input")
+            films = self.film(cond).split([2 * n for n in self.film_sizes], dim=1)
 
             def mod(h, k):
                 scale, shift = films[k].chunk(2, dim=1)
@@ -108,8 +150,9 @@ class EnergyNet(nn.Module):
         loc = self.local(F.softplus(h0)).flatten(1)
         energy = 0.5 * h.pow(2).sum(dim=1) + 0.5 * loc.pow(2).sum(dim=1)
         if self.sigmas is not None:
-            energy = energy / self.sigmas[labels]
+            energy = energy / _sigma_of(self.condition, self.sigmas, cond)
         return energy
+
 
 
 class CondResBlock(nn.Module):
@@ -135,16 +178,18 @@ class CondResBlock(nn.Module):
 
 
 class ScoreNet(nn.Module):
-    """Noise-conditional score network; ``forward(x, labels)`` -> score, shape of x.
+    """Noise-conditional score network; ``forward(x, c)`` -> score, shape of x.
 
-    ``labels`` is a LongTensor (B,) of indices into ``sigmas``.
+    ``c`` is a LongTensor (B,) of indices into ``sigmas`` (``condition="label"``) or the
+    noise levels themselves, a float tensor (B,) (``condition="sigma"``).
     """
 
     def __init__(self, sigmas, in_ch: int = 1, ch: int = 32, emb_dim: int = 64,
-                 mult=(1, 2, 2)):
+                 mult=(1, 2, 2), condition: str = "label"):
         super().__init__()
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
-        self.embed = nn.Embedding(len(sigmas), emb_dim)
+        self.condition = condition
+        self.embed = _level_embedding(condition, len(sigmas), emb_dim)
         chs = [ch * m for m in mult]
         self.conv_in = nn.Conv2d(in_ch, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
@@ -163,8 +208,8 @@ class ScoreNet(nn.Module):
         self.norm_out = nn.GroupNorm(math.gcd(8, c), c)
         self.conv_out = nn.Conv2d(c, in_ch, 3, padding=1)
 
-    def forward(self, x, labels):
-        emb = self.embed(labels)
+    def forward(self, x, cond):
+        emb = self.embed(cond)
         h = self.conv_in(x)
         skips = []
         for i, block in enumerate(self.down_blocks):
@@ -179,4 +224,5 @@ class ScoreNet(nn.Module):
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return out / self.sigmas[labels].view(-1, *([1] * (x.dim() - 1)))
+        sigma = _sigma_of(self.condition, self.sigmas, cond)
+        return out / sigma.to(out.dtype).view(-1, *([1] * (x.dim() - 1)))

@@ -273,7 +273,8 @@ def load_checkpoint(path: str, map_location) -> dict:
 
 # Options that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "eps", "sigma",
-                     "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min")
+                     "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min",
+                     "condition")
 
 
 def check_resume_args(p: argparse.ArgumentParser, saved: dict, args) -> None:
@@ -399,7 +400,8 @@ def sample_and_report(*, args, model, sigmas: torch.Tensor, d: Dist, output: str
     x0 = torch.rand((args.n_samples, *test_x.shape[1:]), generator=g, device=d.device)
     t0 = time.perf_counter()
     samples = annealed_langevin_dynamics(model, x0, sigmas, args.n_steps_each, args.step_lr,
-                                         output=output, denoise=True, generator=g,
+                                         condition=args.condition, output=output,
+                                         denoise=True, generator=g,
                                          progress=not args.no_progress)
     sample_time = time.perf_counter() - t0
     samples = samples.detach().cpu()
