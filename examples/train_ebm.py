@@ -24,7 +24,8 @@ loss J_SM (MATH.md) at one fixed level (``--sigma``, default 0.1: the nearest le
 ladder) on noise-perturbed held-out images: the same units for every method, lower is
 better.
 
-Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt.
+Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt
+(the one before it: OUT/checkpoint.prev.pt).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ uses ``fdsm_ext.noise_conditional_loss`` (each sample draws a level, sigma^2 wei
 sampling is annealed Langevin dynamics (paper: 100 steps per level, step_lr 2e-5) from
 uniform noise, with a final denoising step.
 
-Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt.
+Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt
+(the one before it: OUT/checkpoint.prev.pt).
 """
 
 from __future__ import annotations

@@ -43,9 +43,11 @@ def ssm_loss(
 ) -> Tensor:
     """Sliced score matching (Song et al. 2019) by autograd, u with E[u u^T] = I.
 
-    Per sample, averaged over ``n_projections`` directions (evaluated in one model call):
+    Per sample, averaged over ``n_projections`` directions (evaluated in one model call)::
+
         1/2 (u^T s(x))^2 + u^T (ds/dx) u        (SSM)
-        1/2 ||s(x)||^2   + u^T (ds/dx) u        (SSM-VR, ``variance_reduction=True``)
+        1/2 ||s(x)||^2   + u^T (ds/dx) u        (SSM-VR, variance_reduction=True)
+
     with s = grad log p by autograd for scalar models (then ds/dx is the Hessian, a double
     backward) or the model output for score models. ``noise``: "rademacher" | "gaussian".
     ``model_args``, ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in

@@ -181,7 +181,7 @@ def fd_directional_derivative(
     """d^T/dt^T f(x + t v) at t = 0 by a central stencil, with ONE call of ``f``.
 
     sum_k beta_k f(x + gamma_k v) with (gamma, beta) = fd_stencil(order, accuracy). ``f``
-    maps (N, *event_shape) to per-sample values (N,) or tensors (N, ...); the result has
+    maps ``(N, *event_shape)`` to per-sample values (N,) or tensors (N, ...); the result has
     shape (B, ...) and is differentiable in x, v and f's parameters.
 
     Error: truncation O(||v||^(order + accuracy)) (relative: O(||v||^accuracy)) PLUS

@@ -346,3 +346,88 @@ def test_bad_arguments_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "fashion_mnist" in proc.stderr
 
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _garbage(path):
+    with open(path, "wb") as f:
+        f.write(b"12345 this is not a checkpoint\n" * 100)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage], ids=["truncated", "garbage"])
+def test_load_checkpoint_names_a_damaged_file(tmp_path, damage):
+    training = common("training")
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({k: 0 for k in training._CKPT_KEYS}, path)
+    assert training.load_checkpoint(path, "cpu")["step"] == 0
+    damage(path)
+    with pytest.raises(training.CheckpointError, match="checkpoint.pt is damaged") as e:
+        training.load_checkpoint(path, "cpu")
+    assert "\n" not in str(e.value) and path in str(e.value)
+
+
+def test_save_keeps_the_previous_checkpoint(tmp_path):
+    training = common("training")
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    args = type("Args", (), {})()
+    path = str(tmp_path / "checkpoint.pt")
+    for step in (1, 2, 3):
+        training.save_checkpoint(path, model=model, optimizer=opt, step=step, history={},
+                                 args=args)
+    assert read_ckpt(str(tmp_path))["step"] == 3
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=False)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage], ids=["truncated", "garbage"])
+def test_resume_with_damaged_checkpoint_and_no_previous_is_one_clear_line(tmp_path, damage):
+    out = str(tmp_path / "r")
+    run(EBM, "--steps", "2", "--ckpt-every", "0", "--out", out, *TINY_EBM)
+    assert not os.path.exists(os.path.join(out, "checkpoint.prev.pt"))  # one save only
+    damage(os.path.join(out, "checkpoint.pt"))
+    proc = run(EBM, "--steps", "4", "--out", out, "--resume", *TINY_EBM, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1  # the whole message on this line (other lines may be warnings)
+    assert os.path.join(out, "checkpoint.pt") + " is damaged" in lines[0]
+    assert "run without --resume" in lines[0]
+
+
+def test_resume_falls_back_to_previous_checkpoint_and_matches_uninterrupted(tmp_path):
+    args = ["--steps", "6", "--ckpt-every", "2", "--eval-every", "2", *TINY_EBM]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run(EBM, *args, "--out", full)
+    killed = run(EBM, *args, "--out", part, "--kill-after-step", "4", check=False)
+    assert killed.returncode == 17
+    latest, prev = (os.path.join(part, n) for n in ("checkpoint.pt", "checkpoint.prev.pt"))
+    assert read_ckpt(part)["step"] == 4 and torch.load(prev, weights_only=False)["step"] == 2
+    _truncate(latest)
+
+    resumed = run(EBM, *args, "--out", part, "--resume")
+    log = resumed.stdout + resumed.stderr
+    assert f"{latest} is damaged" in log and "falling back to the previous checkpoint" in log
+    assert f"resumed from {prev} at step 2" in log
+    assert os.path.exists(latest + ".damaged")  # kept aside for inspection, not rotated
+    a, b = read_ckpt(full), read_ckpt(part)
+    assert a["step"] == b["step"] == 6 and a["history"] == b["history"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.load(prev, weights_only=False)["step"] == 6  # last rotation: good files only
+
+
+def test_resume_with_both_checkpoints_damaged_is_one_clear_line(tmp_path):
+    out = str(tmp_path / "r")
+    run(EBM, "--steps", "2", "--ckpt-every", "1", "--out", out, *TINY_EBM)
+    _garbage(os.path.join(out, "checkpoint.pt"))
+    _truncate(os.path.join(out, "checkpoint.prev.pt"))
+    proc = run(EBM, "--steps", "4", "--out", out, "--resume", *TINY_EBM, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1  # the whole message on this line (other lines may be warnings)
+    assert "checkpoint.pt is damaged" in lines[0] and "checkpoint.prev.pt is damaged" in lines[0]

@@ -3,6 +3,9 @@
 - Command line: a parser whose errors are ONE line (exit code 2, no traceback), shared options.
 - Checkpoints: written atomically (temporary file in the same folder, fsync, os.replace) with
   model, optimizer, step, history and the global RNG states (torch, CUDA, numpy, random).
+  The previous checkpoint is kept as checkpoint.prev.pt (rotated by os.replace before the new
+  one takes its place), so ``--resume`` falls back to it, with a message, when checkpoint.pt
+  is damaged or missing; a damaged file is moved aside to checkpoint.pt.damaged.
 - Exact resume: everything random inside the loop is a pure function of (seed, rank, step):
   the data order of epoch e is ``randperm(n, seed=f(seed, e))`` and the loss noise of step s
   comes from a generator seeded with ``f(seed, rank, s)``. A run killed after a checkpoint
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 CKPT_NAME = "checkpoint.pt"
+PREV_CKPT_NAME = "checkpoint.prev.pt"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -235,8 +239,12 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync, then os.replace."""
+def atomic_write(path: str, write, previous: str | None = None) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync, then os.replace.
+
+    With ``previous``, an existing ``path`` is first renamed to ``previous``: at every moment
+    at least one complete file exists (``path``, or ``previous`` between the two renames).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -245,6 +253,8 @@ def atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and os.path.exists(path):
+            os.replace(path, previous)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -252,6 +262,7 @@ def atomic_write(path: str, write) -> None:
 
 
 def save_checkpoint(path: str, *, model, optimizer, step: int, history: dict, args) -> None:
+    """Write ``path`` atomically; the checkpoint it replaces becomes PREV_CKPT_NAME beside it."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -260,15 +271,66 @@ def save_checkpoint(path: str, *, model, optimizer, step: int, history: dict, ar
         "rng": get_rng_state(),
         "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"},
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    previous = os.path.join(os.path.dirname(path), PREV_CKPT_NAME)
+    atomic_write(path, lambda f: torch.save(state, f), previous=previous)
 
 
 def save_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read (truncated, overwritten, not a checkpoint)."""
+
+
+_CKPT_KEYS = ("model", "optimizer", "step", "history", "rng", "args")
+
+
 def load_checkpoint(path: str, map_location) -> dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """torch.load a checkpoint; any failure becomes a one-line :class:`CheckpointError`."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated: OSError/RuntimeError; garbage: ValueError/Unpickling
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"{path} is damaged ({reason[:200]})") from e
+    if not isinstance(state, dict) or any(k not in state for k in _CKPT_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint of these examples (missing keys)")
+    return state
+
+
+def load_for_resume(folder: str, map_location, *, is_main: bool,
+                    log=print) -> tuple[dict, str] | None:
+    """The newest readable checkpoint in ``folder``: checkpoint.pt, else checkpoint.prev.pt.
+
+    Returns ``(state, path)``, or None when neither exists. A damaged checkpoint.pt is
+    reported and (on the main process) moved aside to checkpoint.pt.damaged, so that the next
+    save does not rotate it over the good previous one. Raises :class:`CheckpointError` (one
+    line, naming the files and what to do) when no readable checkpoint is left.
+    """
+    latest = os.path.join(folder, CKPT_NAME)
+    previous = os.path.join(folder, PREV_CKPT_NAME)
+    if not os.path.exists(latest) and not os.path.exists(previous):
+        return None
+    problem = f"{latest} is missing"
+    if os.path.exists(latest):
+        try:
+            return load_checkpoint(latest, map_location), latest
+        except CheckpointError as e:
+            problem = str(e)
+    if not os.path.exists(previous):
+        raise CheckpointError(f"{problem}, and there is no previous checkpoint {previous}; "
+                              "run without --resume to start again from step 0")
+    try:
+        state = load_checkpoint(previous, map_location)
+    except CheckpointError as e:
+        raise CheckpointError(f"{problem}, and so is the previous one: {e}; run without "
+                              "--resume to start again from step 0") from None
+    if is_main:
+        if os.path.exists(latest):
+            os.replace(latest, latest + ".damaged")
+            problem += f"; moved it to {latest}.damaged"
+        log(f"warning: {problem}; falling back to the previous checkpoint")
+    return state, previous
 
 
 # Options that must match between a checkpoint and the run resuming it.
@@ -309,15 +371,21 @@ def train(*, args, parser, d: Dist, model, train_data: torch.Tensor, loss_fn, ev
     history = {"train": [], "eval": []}
     start = 0
     ckpt_path = os.path.join(args.out, CKPT_NAME)
-    if args.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, d.device)
+    found = None
+    if args.resume:
+        try:
+            found = load_for_resume(args.out, d.device, is_main=d.is_main, log=log)
+        except CheckpointError as e:
+            parser.error(f"--resume: {e}")
+    if found is not None:
+        state, loaded_path = found
         check_resume_args(parser, state["args"], args)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = state["history"], state["step"]
         set_rng_state(state["rng"])
         if d.is_main:
-            log(f"resumed from {ckpt_path} at step {start}")
+            log(f"resumed from {loaded_path} at step {start}")
     elif args.resume and d.is_main:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from step 0")
 
@@ -345,8 +413,11 @@ def train(*, args, parser, d: Dist, model, train_data: torch.Tensor, loss_fn, ev
     if start == 0 and args.steps > 0 and not history["eval"]:
         evaluate(0)
     train_time, timed_steps = 0.0, 0
+    # mininterval + set_postfix(refresh=False): the bar is redrawn at most twice a second, so
+    # a log redirected to a file grows by a line per half second, not per step.
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
-               disable=args.no_progress or not d.is_main, dynamic_ncols=True)
+               disable=args.no_progress or not d.is_main, dynamic_ncols=True,
+               mininterval=0.5)
     for step in bar:  # step is 0-based; after it, `step + 1` iterations are done
         t0 = time.perf_counter()
         idx = batch_indices(len(train_data), args.batch_size, step, args.seed, d)
@@ -369,7 +440,7 @@ def train(*, args, parser, d: Dist, model, train_data: torch.Tensor, loss_fn, ev
                       "--lr (or a larger --eps / --sigma)", file=sys.stderr)
             sys.exit(1)
         history["train"].append((step + 1, value))
-        bar.set_postfix(loss=f"{value:.4g}")
+        bar.set_postfix(loss=f"{value:.4g}", refresh=False)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
             evaluate(done)
