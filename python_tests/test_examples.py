@@ -145,9 +145,10 @@ def test_sigma_conditioned_network_is_the_label_network_with_an_embedded_table(n
     state = {k: v for k, v in by_sigma.state_dict().items()
              if not k.startswith(("embed.", "film."))}
     by_label.load_state_dict(state, strict=False)
+    by_sigma, by_label, sigmas = by_sigma.double(), by_label.double(), sigmas.double()
     with torch.no_grad():
         table.weight.copy_(embedding(sigmas))
-    x = torch.rand(4, 1, 8, 8)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 1])
     torch.testing.assert_close(by_sigma(x, sigmas[labels]), by_label(x, labels))
     # A level between the trained ones is accepted and gives a different output.

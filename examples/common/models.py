@@ -53,7 +53,7 @@ class SigmaEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * n_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, sigma):
-        phase = 2 * math.pi * sigma.float().log()[:, None] * self.freqs
+        phase = 2 * math.pi * sigma.to(self.freqs.dtype).log()[:, None] * self.freqs
         return self.mlp(torch.cat([phase.sin(), phase.cos()], dim=1))
 
 
