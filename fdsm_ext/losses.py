@@ -81,7 +81,7 @@ def fd_ssm_loss(
     (scalar models) or u*||s||*sqrt(d)/eps (score models), u the unit round-off of the
     output dtype or of an enabled autocast dtype; an :class:`fdsm_ext.FDPrecisionWarning`
     is raised once per call site when that is over 0.3 of the typical per-sample loss.
-    Measured (8-d energy MLP, |E| 70-86): float32 is accurate for eps 0.01 to 0.3; under
+    Measured (8-d energy MLP, energies 70-86): float32 is accurate for eps 0.01 to 0.3; under
     bfloat16 autocast eps 0.1 is off by 35% (std x18), and what works is a float32 last
     layer with eps >= 0.3, or eps near 1. See :mod:`fdsm_ext.precision` and
     :func:`fdsm_ext.suggest_eps`.
@@ -187,11 +187,11 @@ def fd_directional_derivative(
     Error: truncation O(||v||^(order + accuracy)) (relative: O(||v||^accuracy)) PLUS
     rounding: each f value carries about u*|f| (u the unit round-off of f's output dtype, or
     of an enabled autocast dtype), so the result carries about u*sqrt(sum beta_k^2)*|f|, a
-    relative error ~ u*|f| / (||v||^order * |f^(order)|) that GROWS as ||v|| shrinks. In
+    relative error ``~ u*|f| / (||v||^order * |f^(order)|)`` that GROWS as ||v|| shrinks. In
     float32 (u = 6e-8) at order 3 it was 2.8% at ||v|| = 0.1 and 26 (2600%) at
     ||v|| = 0.01 for an 8-d MLP energy (benchmarks/results/precision.md). An
     :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that estimate
-    exceeds 0.3 of the mean |result|.
+    exceeds 0.3 of the mean absolute result.
     """
     fn = "fd_directional_derivative"
     check_x(x, fn, finite_differences=True)

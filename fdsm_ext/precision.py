@@ -238,7 +238,7 @@ def suggest_eps(
 ) -> EpsSuggestion:
     """An eps for :func:`fdsm_ext.fd_ssm_loss` (sphere directions) on this model and batch.
 
-    Minimises truncation + rounding, A*eps^2 + B/eps^p, at eps* = (p B / (2 |A|))^(1/(p+2)):
+    Minimises truncation + rounding, A*eps^2 + B/eps^p, at ``eps* = (p B / (2 |A|))^(1/(p+2))``:
 
     * B = u*mean|L|*d (p = 2, scalar models) or u*mean||s||*sqrt(d) (p = 1, score models),
       the rounding floor of the module docstring, with u the unit round-off of ``dtype``
