@@ -166,7 +166,8 @@ def main(argv=None):
     def evaluate(step):
         for m in METHODS:
             model = models[m]
-            sm = float(fdsm_ext.exact_sm_loss(model, sm_x, output="energy"))
+            sm = float(fdsm_ext.exact_sm_loss(model, sm_x, output="energy",
+                                              chunk_size=max(1, 128 // len(sm_x))))
             torch.manual_seed(training._mix(args.seed, 0xE7A1))  # same noise at every eval
             dsm = float(fdsm_ext.dsm_loss(model, dsm_x, args.sigma, output="energy").detach())
             hist[m]["eval_sm"].append((step, sm))
