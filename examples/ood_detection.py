@@ -65,19 +65,27 @@ def build_parser():
     return p
 
 
+def check_run(parser, folder: str) -> dict:
+    """The checkpoint of a train_ebm.py output folder (one-line error otherwise)."""
+    path = os.path.join(folder, training.CKPT_NAME)
+    if not os.path.isdir(folder):
+        parser.error(f"--runs {folder}: no such folder")
+    if not os.path.isfile(path):
+        parser.error(f"--runs {folder}: no {training.CKPT_NAME} there (run train_ebm.py first)")
+    state = training.load_checkpoint(path, "cpu")
+    if "width" not in state.get("args", {}) or "n_sigmas" not in state["args"]:
+        parser.error(f"--runs {folder}: {training.CKPT_NAME} is not from train_ebm.py")
+    return state
+
+
 def load_run(parser, folder: str):
-    """(model, saved args, metrics.json or {}) of a train_ebm.py output folder."""
+    """(model, saved args, metrics.json or {}, training images) of a train_ebm.py folder."""
     import json
 
     from fdsm_ext import geometric_sigmas
 
-    path = os.path.join(folder, training.CKPT_NAME)
-    if not os.path.isfile(path):
-        parser.error(f"--runs {folder}: no {training.CKPT_NAME} there (run train_ebm.py first)")
-    state = training.load_checkpoint(path, "cpu")
+    state = check_run(parser, folder)
     a = state["args"]
-    if "width" not in a or "n_sigmas" not in a:
-        parser.error(f"--runs {folder}: {training.CKPT_NAME} is not from train_ebm.py")
     sigmas = geometric_sigmas(a["sigma_max"], a["sigma_min"], a["n_sigmas"])
     train_x, _ = data_lib.load_dataset(a["dataset"], a["data_dir"], limit=a["limit"])
     model = EnergyNet(in_ch=train_x.shape[1], image_size=train_x.shape[-1], ch=a["width"],
@@ -213,9 +221,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for folder in args.runs:
-        if not os.path.isdir(folder):
-            parser.error(f"--runs {folder}: no such folder")
+    for folder in args.runs:  # every one-line error before the progress bar starts
+        check_run(parser, folder)
     os.makedirs(args.out, exist_ok=True)
     rows = []
     with tqdm(total=len(args.runs) * len(TEST_SETS), desc="ood", disable=args.no_progress,

@@ -125,13 +125,15 @@ def test_mnist5k_labels_align_with_images():
 def test_ood_smoke(tmp_path, monkeypatch):
     """train_ebm.py on mnist5k reports the classifier metric; ood_detection.py on its run."""
     monkeypatch.setenv("FDSM_CLASSIFIER_CACHE", str(tmp_path / "clf"))
+    monkeypatch.setenv("FDSM_CLASSIFIER_STEPS", "100")  # a quick, weaker classifier
     run_dir = str(tmp_path / "ebm")
     run(EBM, "--dataset", "mnist5k", "--method", "fd_dsm", "--steps", "2", "--out", run_dir,
         *TINY_EBM, timeout=900)
     m = json.load(open(os.path.join(run_dir, "metrics.json")))
     for k in ("frechet_distance", "label_entropy_per_sample", "label_entropy_of_mean"):
         assert {f"{k}_{s}" for s in ("samples", "heldout", "init_noise")} <= set(m)
-    assert m["classifier_test_accuracy"] > 0.8
+    assert m["classifier_test_accuracy"] > 0.5  # 100 steps (800 give 96%)
+    assert os.path.isfile(tmp_path / "clf" / "classifier_mnist5k_4000_100.pt")
     assert m["frechet_distance_init_noise"] > m["frechet_distance_heldout"]
     out = str(tmp_path / "ood")
     run(OOD, "--runs", run_dir, "--out", out, "--batches", "20", "--test-limit", "50",

@@ -33,6 +33,8 @@ CLASSIFIER_DATASETS = ("mnist", "mnist5k", "fashion_mnist", "digits")
 REPORT_DATASETS = ("mnist", "mnist5k", "fashion_mnist")  # the 28x28 ones
 DEFAULT_CACHE = os.environ.get(
     "FDSM_CLASSIFIER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fdsm_ext_examples"))
+# Adam steps of the classifier (the cache file name records them); tests set fewer.
+DEFAULT_STEPS = int(os.environ.get("FDSM_CLASSIFIER_STEPS", "800"))
 LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 
 
@@ -112,7 +114,8 @@ def accuracy(model: SmallCNN, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def load_or_train(dataset: str, data_dir: str | None = None, *, cache_dir: str = DEFAULT_CACHE,
-                  steps: int = 800, max_train: int = 10000, log=print) -> tuple[SmallCNN, dict]:
+                  steps: int = DEFAULT_STEPS, max_train: int = 10000,
+                  log=print) -> tuple[SmallCNN, dict]:
     """The cached classifier for ``dataset`` (trained and saved atomically on first use) on
     its first ``max_train`` training images (a minute or two on one CPU core).
 
