@@ -192,6 +192,40 @@ def exact_sm(flow: NICE, y: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- one method
+def train_step(args, method: str, flow: NICE, opt, train: Tensor, step: int,
+               device: torch.device, count_saved: bool = False) -> tuple[float, int | None]:
+    """One Adam step on batch ``step`` (images dequantised by step-seeded noise).
+
+    Returns (loss value, bytes saved for backward if ``count_saved`` else None)."""
+    idx = training.batch_indices(len(train), args.batch_size, step, args.seed, training.Dist())
+    g = training.step_generator(args.seed, 0, step, torch.device("cpu"))
+    x = to_logit(train[idx], g).to(device)
+
+    def step_loss():
+        return method_loss(method, flow, x, g, eps=args.eps, sigma=args.sigma)
+
+    loss, saved = saved_tensor_bytes(step_loss) if count_saved else (step_loss(), None)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return float(loss.detach()), saved
+
+
+def timing_pass(args, train: Tensor, device: torch.device) -> dict:
+    """Interleaved timing of one training step per method, from the common initial network."""
+    steps = {}
+    for method in args.methods:
+        torch.manual_seed(args.seed)
+        flow = NICE(train.shape[1], args.hidden, args.depth).to(device)
+        opt = torch.optim.Adam(flow.parameters(), lr=args.lr or AUTHORS_LR[method])
+        steps[method] = (lambda i, m=method, f=flow, o=opt:
+                         train_step(args, m, f, o, train, i, device))
+    return training.interleaved_timing(steps, args.timing_rounds)
+
+
+
 def train_method(args, parser, method: str, data: dict, device: torch.device) -> dict:
     from tqdm import tqdm
 
@@ -236,24 +270,10 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
     while state["step"] < max_steps and state["seconds"] < budget:
         step = state["step"]
         t0 = time.perf_counter()
-        idx = training.batch_indices(len(data["train"]), args.batch_size, step, args.seed,
-                                     training.Dist())
-        g = training.step_generator(args.seed, 0, step, torch.device("cpu"))
-        x = to_logit(data["train"][idx], g).to(device)
-        def step_loss(x=x, g=g):
-            return method_loss(method, flow, x, g, eps=args.eps, sigma=args.sigma)
-
-        if state["saved_bytes"] is None:
-            loss, state["saved_bytes"] = saved_tensor_bytes(step_loss)
-        else:
-            loss = step_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        value, saved = train_step(args, method, flow, opt, data["train"], step, device,
+                                  count_saved=state["saved_bytes"] is None)
         state["seconds"] += time.perf_counter() - t0
-        value = float(loss.detach())
+        state["saved_bytes"] = state["saved_bytes"] or saved
         if not math.isfinite(value):
             raise FloatingPointError(f"{method}: training loss became {value} at step {step + 1}")
         state["train"].append((step + 1, value))
@@ -299,14 +319,17 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
 # ----------------------------------------------------------------------------- reporting
 def table(results: list[dict]) -> str:
     rows = ["| method | lr | steps (epochs) | test NLL nats | bits/dim | best-val test NLL | "
-            "test exact SM | ms / iteration | saved for backward (MB) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "test exact SM | ms / iteration in training | ms / iteration, interleaved (median) | "
+            "saved for backward (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        inter = r.get("interleaved_timing")
+        inter = "n/a" if inter is None else f"{1000 * inter['median_s']:.1f}"
         rows.append(
             f"| {LABELS[r['method']]} | {r['lr']:g} | {r['steps']} ({r['epochs']:.1f}) | "
             f"{r['test_nll_nats']:.1f} | {r['test_bits_per_dim']:.3f} | "
             f"{r['best_val_test_nll_nats']:.1f} | {r['test_exact_sm']:.4g} | "
-            f"{1000 * r['seconds_per_iteration']:.1f} | {r['saved_for_backward_mb']:.1f} |")
+            f"{1000 * r['seconds_per_iteration']:.1f} | {inter} | "
+            f"{r['saved_for_backward_mb']:.1f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -375,6 +398,8 @@ def build_parser():
     p.add_argument("--ckpt-every", type=training.positive_int, default=500)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=training.positive_int, default=None)
+    p.add_argument("--timing-rounds", type=training.nonneg_int, default=20,
+                   help="after training, time this many steps per method, interleaved")
     p.add_argument("--out", default="runs/nice")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -422,6 +447,9 @@ def main(argv=None):
         print(f"{method}: test NLL {r['test_nll_nats']:.1f} nats ({r['test_bits_per_dim']:.3f} "
               f"bits/dim), exact SM {r['test_exact_sm']:.4g}, "
               f"{1000 * r['seconds_per_iteration']:.1f} ms/iter, {r['steps']} steps")
+    timing = timing_pass(args, data["train"], device) if args.timing_rounds else {}
+    for r in results:
+        r["interleaved_timing"] = timing.get(r["method"])
     training.save_json(os.path.join(args.out, "metrics.json"), {
         "runs": [{k: v for k, v in r.items() if k not in ("curve", "val")} for r in results],
         "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"},
