@@ -366,7 +366,8 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
         with torch.no_grad() if method in ("fd_ssm", "fd_dsm") else torch.enable_grad():
             alpha = fit_alpha(method, model, val_fit_x, g, **kw).detach()
         with torch.enable_grad():
-            return float(method_loss(method, model, alpha, val, g, create_graph=False, **kw))
+            return float(method_loss(method, model, alpha, val, g, create_graph=False,
+                                     **kw).detach())
 
     bar = tqdm(total=max_steps, initial=state["step"], desc=f"{method} s{seed}",
                disable=args.no_progress, dynamic_ncols=True)
