@@ -180,8 +180,18 @@ def sphere(x: Tensor, eps: float, g: torch.Generator) -> Tensor:
     return eps * v / v.norm(dim=1, keepdim=True)
 
 
+def orthogonal_directions(n: int, d: int, k: int, eps: float, g: torch.Generator,
+                          dtype: torch.dtype) -> Tensor:
+    """(k n, d): for each of n samples, k orthogonal directions of norm eps, uniformly
+    rotated (Haar); row block j holds direction j of every sample."""
+    q, r = torch.linalg.qr(torch.randn(n, d, k, generator=g, dtype=dtype))
+    q = q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]
+    return eps * q.permute(2, 0, 1).reshape(k * n, d)
+
+
 def quadratic_terms(method: str, model: DKEF, x: Tensor, g: torch.Generator, *,
-                    eps: float, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float, sigma: float, directions: int = 1
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(A, c, e) with the method's loss = mean_n 1/2 ||A_n^T alpha + c_n||^2 + e_n^T alpha + C.
 
     A: (n, M, k), c: (n, k), e: (n, M). With s = d/eps^2 and D1 h = h(x+v) - h(x-v),
@@ -192,6 +202,9 @@ def quadratic_terms(method: str, model: DKEF, x: Tensor, g: torch.Generator, *,
       dsm     A = J_f(x~),        c = grad q0(x~) + z/sigma,   e = 0           (x~ = x + sigma z)
       fd_ssm  A = sqrt(s)/2 D1 f, c = sqrt(s)/2 D1 q0,         e = s D2 f      (||v|| = eps)
       fd_dsm  A = sqrt(s)/2 D1 f, c = sqrt(s) (D1 q0/2 + v^T z/sigma), e = 0  (at x~)
+    ``directions`` > 1 (FD methods): that many orthogonal directions per sample, one row each
+    (the mean over rows then averages over directions; d directions make the sliced
+    estimate of the Jacobian terms exact up to O(eps^2)).
     """
     n, d = x.shape
     f = model.features
@@ -211,7 +224,14 @@ def quadratic_terms(method: str, model: DKEF, x: Tensor, g: torch.Generator, *,
         return _jacobian_first(f, x), grad_q0, fuu
     if method == "dsm":
         return _jacobian_first(f, x), grad_q0 + z / sigma, zeros
-    v = sphere(x, eps, g)
+    if directions > 1:
+        v = orthogonal_directions(n, d, directions, eps, g, x.dtype)
+        x = x.repeat(directions, 1)
+        if method == "fd_dsm":
+            z = z.repeat(directions, 1)
+        n = x.shape[0]
+    else:
+        v = sphere(x, eps, g)
     stacked = torch.cat([x + v, x - v, x]) if method == "fd_ssm" else torch.cat([x + v, x - v])
     fs, q0s = f(stacked).split(n), model.log_q0(stacked).split(n)
     root = math.sqrt(d) / eps
@@ -237,8 +257,9 @@ def solve_alpha(G: Tensor, b: Tensor, log_lambda: Tensor) -> Tensor:
 
 
 def fit_alpha(method: str, model: DKEF, x: Tensor, g: torch.Generator, *, eps: float,
-              sigma: float) -> Tensor:
-    G, b = normal_equations(*quadratic_terms(method, model, x, g, eps=eps, sigma=sigma))
+              sigma: float, directions: int = 1) -> Tensor:
+    G, b = normal_equations(*quadratic_terms(method, model, x, g, eps=eps, sigma=sigma,
+                                             directions=directions))
     return solve_alpha(G, b, model.log_lambda)
 
 
@@ -311,7 +332,8 @@ def train_step(args, method: str, model: DKEF, opt, train: Tensor, step: int,
     idx = training.batch_indices(len(train), args.batch_size, step, seed, training.Dist())
     g = training.step_generator(seed, 0, step, torch.device("cpu"))
     kw = {"eps": args.eps, "sigma": args.sigma}
-    alpha = fit_alpha(method, model, train[idx[:half]], g, **kw)
+    alpha = fit_alpha(method, model, train[idx[:half]], g, directions=args.alpha_directions,
+                      **kw)
     loss = method_loss(method, model, alpha, train[idx[half:]], g, **kw)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -364,7 +386,8 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
     def validate(step: int) -> float:
         g = training.step_generator(seed, 1, step, torch.device("cpu"))
         with torch.no_grad() if method in ("fd_ssm", "fd_dsm") else torch.enable_grad():
-            alpha = fit_alpha(method, model, val_fit_x, g, **kw).detach()
+            alpha = fit_alpha(method, model, val_fit_x, g, directions=args.alpha_directions,
+                              **kw).detach()
         with torch.enable_grad():
             return float(method_loss(method, model, alpha, val, g, create_graph=False,
                                      **kw).detach())
@@ -434,7 +457,8 @@ def fit_lambda(args, model: DKEF, method: str, seed: int, train: Tensor, val: Te
 
     def terms(x):
         with torch.no_grad() if method in ("fd_ssm", "fd_dsm") else torch.enable_grad():
-            G, b = normal_equations(*quadratic_terms(method, model, x, g, eps=eps, sigma=sigma))
+            G, b = normal_equations(*quadratic_terms(method, model, x, g, eps=eps, sigma=sigma,
+                                                     directions=args.alpha_directions))
         return G.detach(), b.detach()
 
     G, b = terms(train)
@@ -523,6 +547,9 @@ def build_parser():
                    help="finite-difference step ||v|| (fd_ssm, fd_dsm)")
     p.add_argument("--sigma", type=training.positive_float, default=0.1,
                    help="denoising noise (dsm, fd_dsm)")
+    p.add_argument("--alpha-directions", type=training.positive_int, default=1,
+                   help="fd_ssm, fd_dsm: orthogonal directions per sample in the alpha fit "
+                        "(at most d)")
     p.add_argument("--is-samples", type=training.positive_int, default=10**6,
                    help="importance samples for log Z")
     p.add_argument("--timing-rounds", type=training.nonneg_int, default=30,
@@ -539,6 +566,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.alpha_directions > 11:
+        parser.error("--alpha-directions must be at most d = 11")
     if args.batch_size < 4 or args.batch_size % 2:
         parser.error("--batch-size must be an even number >= 4")
     try:

@@ -70,6 +70,22 @@ def test_dkef_sliced_terms_average_to_exact(dkef, fd, exact):
     assert (b.detach() - b_ex.detach()).abs().max() < 0.05 * scale_b
 
 
+@pytest.mark.parametrize("method, exact", [("fd_ssm", "exact"), ("fd_dsm", "dsm")])
+def test_dkef_fd_terms_with_d_orthogonal_directions_are_deterministic(dkef, method, exact):
+    """With d orthogonal directions per sample the FD normal equations equal the autograd
+    ones up to O(eps^2), with no sampling noise (same DSM noise z: same generator state)."""
+    model = small_model(dkef, seed=4)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    kw = {"eps": 1e-3, "sigma": 0.3}
+    G, b = dkef.normal_equations(*dkef.quadratic_terms(
+        method, model, x, torch.Generator().manual_seed(2), directions=3, **kw))
+    G_ex, b_ex = dkef.normal_equations(*dkef.quadratic_terms(
+        exact, model, x, torch.Generator().manual_seed(2), **kw))
+    torch.testing.assert_close(G, G_ex.detach(), rtol=1e-5, atol=1e-6 * float(G_ex.abs().max()))
+    # DSM's b holds the noise term z/sigma once; FD-DSM's holds it through v^T z: same sum.
+    torch.testing.assert_close(b, b_ex.detach(), rtol=1e-5, atol=1e-6 * float(b_ex.abs().max()))
+
+
 def test_dkef_closed_form_alpha_matches_least_squares(dkef):
     """DSM's alpha (no linear term) is a ridge regression: compare with torch.linalg.lstsq."""
     model = small_model(dkef, seed=2)
