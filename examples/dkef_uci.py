@@ -558,6 +558,8 @@ def build_parser():
     p.add_argument("--threads", type=training.positive_int, default=1)
     p.add_argument("--ckpt-every", type=training.positive_int, default=100)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: summarise the finished runs in OUT (and time them)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--kill-after-step", type=int, default=None, help=training.argparse.SUPPRESS)
     return p
@@ -586,10 +588,13 @@ def main(argv=None):
     for seed in args.seeds:
         for method in args.methods:
             done = os.path.join(run_dir(args, method, seed), "metrics.json")
-            if args.resume and os.path.exists(done):
+            if (args.resume or args.report_only) and os.path.exists(done):
                 import json
 
                 results.append(json.load(open(done)))
+                continue
+            if args.report_only:
+                print(f"{method} seed {seed}: not finished, left out of the report")
                 continue
             try:
                 r = train_one(args, parser, method, seed, data)
