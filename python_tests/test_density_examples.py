@@ -1,0 +1,224 @@
+"""Tests of the density-estimation examples: examples/dkef_uci.py and examples/nice_mnist.py.
+
+Model pieces are checked against exact answers (library losses, least squares, closed-form
+normalisers, torch.func Jacobians); the scripts get smoke runs on tiny settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from test_examples import EXAMPLES, load_script, run
+
+DKEF_SCRIPT = os.path.join(EXAMPLES, "dkef_uci.py")
+TINY_DKEF = ["--m", "16", "--width", "8", "--batch-size", "432", "--max-epochs", "1",
+             "--val-every", "1", "--val-fit-size", "64", "--final-steps", "5",
+             "--final-draws", "1", "--is-samples", "3000", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def dkef():
+    return load_script(DKEF_SCRIPT)
+
+
+def small_model(dkef, d=3, m=7, seed=0):
+    torch.manual_seed(seed)
+    model = dkef.DKEF(torch.randn(m, d), n_kernels=2, width=5).double()
+    with torch.no_grad():
+        model.log_lambda.fill_(-1.5)
+    return model
+
+
+# --------------------------------------------------------------------------- DKEF
+@pytest.mark.parametrize("method", ["exact", "ssm", "ssm_vr", "dsm"])
+def test_dkef_quadratic_terms_reproduce_library_loss(dkef, method):
+    """loss(alpha) - loss(0) == 1/2 a^T G a + b^T a for the library's own loss (same noise)."""
+    model = small_model(dkef)
+    x = torch.randn(9, 3, dtype=torch.float64)
+    kw = {"eps": 0.1, "sigma": 0.3}
+
+    def gen():
+        return torch.Generator().manual_seed(5)
+
+    G, b = dkef.normal_equations(*dkef.quadratic_terms(method, model, x, gen(), **kw))
+    for scale in (0.3, 2.0):
+        alpha = scale * torch.randn(7, dtype=torch.float64)
+        loss = dkef.method_loss(method, model, alpha, x, gen(), create_graph=False, **kw)
+        base = dkef.method_loss(method, model, torch.zeros_like(alpha), x, gen(),
+                                create_graph=False, **kw)
+        quad = 0.5 * alpha @ G @ alpha + b @ alpha
+        torch.testing.assert_close(loss - base, quad.detach(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("fd, exact", [("fd_ssm", "exact"), ("ssm", "exact"),
+                                       ("ssm_vr", "exact")])
+def test_dkef_sliced_terms_average_to_exact(dkef, fd, exact):
+    """Averaged over many random directions, the sliced / FD normal equations are exact SM's."""
+    model = small_model(dkef, seed=1)
+    x = torch.randn(4, 3, dtype=torch.float64).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad() if fd.startswith("fd") else torch.enable_grad():
+        G, b = dkef.normal_equations(*dkef.quadratic_terms(fd, model, x, g, eps=0.05, sigma=0.1))
+    G_ex, b_ex = dkef.normal_equations(*dkef.quadratic_terms(exact, model, x[:4], g, eps=0.05,
+                                                              sigma=0.1))
+    scale_G, scale_b = G_ex.abs().max(), b_ex.abs().max()
+    assert (G.detach() - G_ex.detach()).abs().max() < 0.05 * scale_G
+    assert (b.detach() - b_ex.detach()).abs().max() < 0.05 * scale_b
+
+
+@pytest.mark.parametrize("method, exact", [("fd_ssm", "exact"), ("fd_dsm", "dsm")])
+def test_dkef_fd_terms_with_d_orthogonal_directions_are_deterministic(dkef, method, exact):
+    """With d orthogonal directions per sample the FD normal equations equal the autograd
+    ones up to O(eps^2), with no sampling noise (same DSM noise z: same generator state)."""
+    model = small_model(dkef, seed=4)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    kw = {"eps": 1e-3, "sigma": 0.3}
+    G, b = dkef.normal_equations(*dkef.quadratic_terms(
+        method, model, x, torch.Generator().manual_seed(2), directions=3, **kw))
+    G_ex, b_ex = dkef.normal_equations(*dkef.quadratic_terms(
+        exact, model, x, torch.Generator().manual_seed(2), **kw))
+    torch.testing.assert_close(G, G_ex.detach(), rtol=1e-5, atol=1e-6 * float(G_ex.abs().max()))
+    # DSM's b holds the noise term z/sigma once; FD-DSM's holds it through v^T z: same sum.
+    torch.testing.assert_close(b, b_ex.detach(), rtol=1e-5, atol=1e-6 * float(b_ex.abs().max()))
+
+
+def test_dkef_closed_form_alpha_matches_least_squares(dkef):
+    """DSM's alpha (no linear term) is a ridge regression: compare with torch.linalg.lstsq."""
+    model = small_model(dkef, seed=2)
+    x = torch.randn(12, 3, dtype=torch.float64)
+    A, c, e = dkef.quadratic_terms("dsm", model, x, torch.Generator().manual_seed(1), eps=0.1,
+                                   sigma=0.2)
+    assert e.abs().max() == 0
+    alpha = dkef.solve_alpha(*dkef.normal_equations(A, c, e), model.log_lambda).detach()
+    n, m, k = A.shape
+    lam = 10.0 ** float(model.log_lambda.detach())
+    # min_a mean_n 1/2 ||A_n^T a + c_n||^2 + lam/2 ||a||^2 as one stacked least-squares system.
+    design = torch.cat([A.detach().transpose(1, 2).reshape(n * k, m) / math.sqrt(n),
+                        math.sqrt(lam) * torch.eye(m, dtype=A.dtype)])
+    target = torch.cat([-c.detach().reshape(n * k) / math.sqrt(n), torch.zeros(m, dtype=A.dtype)])
+    direct = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+    torch.testing.assert_close(alpha, direct, rtol=1e-8, atol=1e-10)
+
+
+def test_dkef_alpha_minimises_exact_sm_loss(dkef):
+    """At the fitted alpha the gradient of exact SM loss + ridge (library) vanishes."""
+    import fdsm_ext
+
+    model = small_model(dkef, seed=3)
+    x = torch.randn(15, 3, dtype=torch.float64)
+    alpha = dkef.fit_alpha("exact", model, x, torch.Generator(), eps=0.1, sigma=0.1).detach()
+    alpha.requires_grad_(True)
+    lam = 10.0 ** model.log_lambda.detach()
+    loss = fdsm_ext.exact_sm_loss(lambda y: model.log_density(y, alpha), x,
+                                  output="log_density", create_graph=True)
+    (grad,) = torch.autograd.grad(loss + 0.5 * lam * alpha.pow(2).sum(), alpha)
+    assert grad.abs().max() < 1e-9
+
+
+def test_importance_sampling_log_normaliser_gaussian(dkef):
+    """log Z of an unnormalised Gaussian exp(-||x - mu||^2 / (2 s^2)) is d/2 log(2 pi s^2)."""
+    d, s = 3, 1.3
+    mu = torch.tensor([0.5, -0.3, 0.2])
+    log_z, se = dkef.log_normaliser(lambda x: -0.5 * (x - mu).pow(2).sum(1) / s**2, d, 200_000,
+                                    torch.Generator().manual_seed(0), chunk=50_000)
+    truth = 0.5 * d * math.log(2 * math.pi * s**2)
+    assert 0 < se < 0.01
+    assert abs(log_z - truth) < 4 * se
+
+
+def test_red_wine_preparation(dkef):
+    common_data = pytest.importorskip("common.data")
+    try:
+        raw = common_data.load_red_wine()
+    except common_data.DataError as e:
+        pytest.skip(str(e))
+    train, val, test = dkef.prepare(raw)
+    assert raw.shape == (1599, 11)
+    assert (len(train), len(val), len(test)) == (1296, 144, 159)
+    whole = torch.cat([train, val, test]).double()
+    # Whitened (up to the added N(0, 0.05^2) noise): unit covariance, zero mean.
+    cov = torch.cov(whole.T)
+    assert (cov - torch.eye(11, dtype=cov.dtype) * (1 + 0.05**2)).abs().max() < 0.02
+    torch.testing.assert_close(dkef.prepare(raw)[2], test)  # fixed split and noise
+
+
+def test_dkef_missing_data_file_is_one_line_error(tmp_path):
+    proc = run(DKEF_SCRIPT, "--data-file", str(tmp_path / "nope.csv"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "no such file" in proc.stderr
+
+
+def test_dkef_smoke_and_exact_resume(tmp_path):
+    args = ["--methods", "fd_ssm", "exact", "--seeds", "0", "--ckpt-every", "1", *TINY_DKEF]
+    full = str(tmp_path / "full")
+    run(DKEF_SCRIPT, *args, "--out", full, timeout=300)
+    m = json.load(open(os.path.join(full, "metrics.json")))
+    assert set(m["summary"]) == {"fd_ssm", "exact"}
+    for r in m["runs"]:
+        assert r["steps"] == 3 and math.isfinite(r["test_nll"]) and r["test_nll_is_se"] > 0
+        assert math.isfinite(r["test_exact_sm"]) and r["seconds_per_iteration"] > 0
+    assert os.path.getsize(os.path.join(full, "table.md")) > 0
+
+    part = str(tmp_path / "part")
+    killed = run(DKEF_SCRIPT, *args, "--out", part, "--kill-after-step", "1", check=False,
+                 timeout=300)
+    assert killed.returncode == 17
+    resumed = run(DKEF_SCRIPT, *args, "--out", part, "--resume", timeout=300)
+    assert "resumed at step 1" in resumed.stdout
+    m2 = json.load(open(os.path.join(part, "metrics.json")))
+    for a, b in zip(m["runs"], m2["runs"]):
+        assert a["method"] == b["method"]
+        assert a["test_nll"] == b["test_nll"] and a["test_exact_sm"] == b["test_exact_sm"]
+
+
+# --------------------------------------------------------------------------- NICE
+NICE_SCRIPT = os.path.join(EXAMPLES, "nice_mnist.py")
+
+
+@pytest.fixture(scope="module")
+def nice():
+    return load_script(NICE_SCRIPT)
+
+
+def test_nice_log_density_matches_jacobian_determinant(nice):
+    """log p(x) == log N(T(x); 0, I) + log|det dT/dx| with the Jacobian from torch.func."""
+    torch.manual_seed(0)
+    flow = nice.NICE(7, hidden=6, depth=3).double()
+    with torch.no_grad():
+        flow.log_scale.normal_(0, 0.5)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    for xi, lp in zip(x, flow.log_prob(x)):
+        jac = torch.func.jacrev(lambda v: flow.transform(v[None])[0])(xi)
+        y = flow.transform(xi[None])[0]
+        expected = (torch.distributions.Normal(0.0, 1.0).log_prob(y).sum()
+                    + torch.linalg.slogdet(jac).logabsdet)
+        torch.testing.assert_close(lp, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flow.inverse(flow.transform(x)), x, rtol=1e-10, atol=1e-10)
+
+
+def test_nice_bits_per_dim_change_of_variables(nice):
+    """bits/dim adds log|dy/dp| of the logit and the 1/256 scaling, per dimension."""
+    y = torch.randn(3, 4, dtype=torch.float64)
+    nll = torch.rand(3, dtype=torch.float64)
+    p = torch.sigmoid(y)
+    expected = (nll + torch.log(p * (1 - p)).sum(1) + 4 * math.log(256)) / (4 * math.log(2))
+    torch.testing.assert_close(nice.bits_per_dim(nll, y), expected)
+
+
+def test_nice_smoke(tmp_path):
+    out = str(tmp_path / "nice")
+    run(NICE_SCRIPT, "--limit", "300", "--test-limit", "50", "--hidden", "16", "--depth", "2",
+        "--epochs", "1", "--batch-size", "64", "--eval-every", "2", "--sm-subset", "2",
+        "--threads", "1", "--no-progress", "--out", out, timeout=300)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert [r["method"] for r in m["runs"]] == ["mle", "ssm", "ssm_vr", "fd_ssm", "dsm",
+                                                "fd_dsm"]
+    for r in m["runs"]:
+        assert r["steps"] == 4 and math.isfinite(r["test_nll_nats"])
+        assert math.isfinite(r["test_exact_sm"]) and r["saved_for_backward_mb"] > 0
+    for f in ("table.md", "nll_vs_time.png", "samples.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
