@@ -190,8 +190,8 @@ def orthogonal_directions(n: int, d: int, k: int, eps: float, g: torch.Generator
 
 
 def quadratic_terms(method: str, model: DKEF, x: Tensor, g: torch.Generator, *,
-                    eps: float, sigma: float, directions: int = 1
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float, sigma: float, directions: int = 1,
+                    noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(A, c, e) with the method's loss = mean_n 1/2 ||A_n^T alpha + c_n||^2 + e_n^T alpha + C.
 
     A: (n, M, k), c: (n, k), e: (n, M). With s = d/eps^2 and D1 h = h(x+v) - h(x-v),
@@ -204,20 +204,21 @@ def quadratic_terms(method: str, model: DKEF, x: Tensor, g: torch.Generator, *,
       fd_dsm  A = sqrt(s)/2 D1 f, c = sqrt(s) (D1 q0/2 + v^T z/sigma), e = 0  (at x~)
     ``directions`` > 1 (FD methods): that many orthogonal directions per sample, one row each
     (the mean over rows then averages over directions; d directions make the sliced
-    estimate of the Jacobian terms exact up to O(eps^2)).
+    estimate of the Jacobian terms exact up to O(eps^2)). ``noise``: the z of dsm or the
+    u of ssm / ssm_vr (n, d) to use instead of drawing them from ``g``.
     """
     n, d = x.shape
     f = model.features
     zeros = torch.zeros(n, model.z.shape[0], dtype=x.dtype)
     if method in ("dsm", "fd_dsm"):
-        z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        z = torch.randn(x.shape, generator=g, dtype=x.dtype) if noise is None else noise
         x = x + sigma * z
     grad_q0 = -x / Q0_STD**2
     if method == "exact":
         jac, lap = _jacobian(f, x)
         return jac, grad_q0, lap
     if method in ("ssm", "ssm_vr"):
-        u = torch.randn(x.shape, generator=g, dtype=x.dtype).sign()
+        u = torch.randn(x.shape, generator=g, dtype=x.dtype).sign() if noise is None else noise
         fu, fuu = _jet(f, x, u)
         if method == "ssm":
             return fu[:, :, None], (u * grad_q0).sum(1, keepdim=True), fuu
@@ -264,15 +265,17 @@ def fit_alpha(method: str, model: DKEF, x: Tensor, g: torch.Generator, *, eps: f
 
 
 # ----------------------------------------------------------------------------- losses
-def method_loss(method: str, model: DKEF, alpha: Tensor, x: Tensor, g: torch.Generator, *,
-                eps: float, sigma: float, create_graph: bool = True) -> Tensor:
-    """The method's score-matching loss (fdsm_ext) of log p~(.; alpha) on x."""
+def method_loss(method: str, model: DKEF, alpha: Tensor, x: Tensor,
+                g: torch.Generator | None, *, eps: float, sigma: float,
+                create_graph: bool = True, seed: int | None = None) -> Tensor:
+    """The method's score-matching loss (fdsm_ext) of log p~(.; alpha) on x; its random
+    draws come from ``g``, or from ``seed`` (fdsm_ext's ``seed=``)."""
     import fdsm_ext
 
     def logp(y):
         return model.log_density(y, alpha)
 
-    kw = {"output": "log_density", "generator": g}
+    kw = {"output": "log_density", "generator": g, "seed": seed}
     if method == "exact":
         return fdsm_ext.exact_sm_loss(logp, x, output="log_density", create_graph=create_graph)
     if method in ("ssm", "ssm_vr"):
@@ -370,8 +373,11 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
                       [:args.val_fit_size]]
     state = {"step": 0, "best_val": math.inf, "best_step": 0, "best_model": None,
              "history": {"train": [], "val": []}, "train_seconds": 0.0, "timed_steps": 0}
-    if args.resume and os.path.exists(ckpt_path):
-        saved = training.load_checkpoint(ckpt_path, "cpu")
+    keys = ("model", "optimizer", "state", "args")
+    found = (training.resume_or_none(parser, out, "cpu", keys=keys) if args.resume
+             else None)
+    if found is not None:
+        saved = found[0]
         training.check_resume_args(parser, saved["args"], args)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -381,7 +387,7 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
     def checkpoint():
         s = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
              "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"}}
-        training.atomic_write(ckpt_path, lambda f: torch.save(s, f))
+        training.write_checkpoint(ckpt_path, s)
 
     def validate(step: int) -> float:
         g = training.step_generator(seed, 1, step, torch.device("cpu"))

@@ -152,12 +152,8 @@ def main(argv=None):
     ckpt_keys = ("models", "opts", "hist", "step", "rng", "args")
     must_match = ("dataset", "n_train", "batch_size", "lr", "width", "head_dim", "sigma", "eps",
                   "seed", "eval_size", "dsm_eval_size")
-    loaded = None
-    if args.resume:
-        try:
-            loaded = training.load_for_resume(args.out, "cpu", is_main=True, keys=ckpt_keys)
-        except training.CheckpointError as e:
-            parser.error(f"--resume: {e}")
+    loaded = (training.resume_or_none(parser, args.out, "cpu", keys=ckpt_keys)
+              if args.resume else None)
     if loaded is not None:
         state, path = loaded
         training.check_resume_args(parser, {k: state["args"][k] for k in must_match}, args)
@@ -185,8 +181,7 @@ def main(argv=None):
         state = {"models": {m: models[m].state_dict() for m in METHODS},
                  "opts": {m: opts[m].state_dict() for m in METHODS}, "hist": hist,
                  "step": step, "rng": training.get_rng_state(), "args": vars(args)}
-        previous = os.path.join(args.out, training.PREV_CKPT_NAME)
-        training.atomic_write(ckpt, lambda f: torch.save(state, f), previous=previous)
+        training.write_checkpoint(ckpt, state)
 
     if start == 0 and not hist["ssm"]["eval_sm"]:
         evaluate(0)

@@ -239,8 +239,11 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
     max_steps = args.epochs * per_epoch
     state = {"step": 0, "seconds": 0.0, "curve": [], "val": [], "train": [],
              "saved_bytes": None, "best_val_nll": math.inf, "best_step": 0, "best_model": None}
-    if args.resume and os.path.exists(ckpt_path):
-        saved = training.load_checkpoint(ckpt_path, device)
+    keys = ("model", "optimizer", "state", "args")
+    found = (training.resume_or_none(parser, out, device, keys=keys) if args.resume
+             else None)
+    if found is not None:
+        saved = found[0]
         training.check_resume_args(parser, saved["args"], args)
         flow.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -250,7 +253,7 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
     def checkpoint():
         s = {"model": flow.state_dict(), "optimizer": opt.state_dict(), "state": state,
              "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"}}
-        training.atomic_write(ckpt_path, lambda f: torch.save(s, f))
+        training.write_checkpoint(ckpt_path, s)
 
     def evaluate():
         nll, bpd = test_nll(flow, data["test"])

@@ -12,7 +12,10 @@ import os
 
 import pytest
 import torch
+from helpers import philox_normal
 from test_examples import EXAMPLES, load_script, run
+
+from fdsm_ext import reference
 
 DKEF_SCRIPT = os.path.join(EXAMPLES, "dkef_uci.py")
 TINY_DKEF = ["--m", "16", "--width", "8", "--batch-size", "432", "--max-epochs", "1",
@@ -40,16 +43,19 @@ def test_dkef_quadratic_terms_reproduce_library_loss(dkef, method):
     model = small_model(dkef)
     x = torch.randn(9, 3, dtype=torch.float64)
     kw = {"eps": 0.1, "sigma": 0.3}
-
-    def gen():
-        return torch.Generator().manual_seed(5)
-
-    G, b = dkef.normal_equations(*dkef.quadratic_terms(method, model, x, gen(), **kw))
+    seed = 5
+    # The noise the library's loss draws for seed=5: z of DSM, the Rademacher u of SSM.
+    noise = {"dsm": philox_normal(seed, 9, 3),
+             "ssm": reference.philox_directions(seed, 9, 3, "rademacher").double()}
+    noise["ssm_vr"] = noise["ssm"]
+    G, b = dkef.normal_equations(*dkef.quadratic_terms(
+        method, model, x, None, noise=noise.get(method), **kw))
     for scale in (0.3, 2.0):
         alpha = scale * torch.randn(7, dtype=torch.float64)
-        loss = dkef.method_loss(method, model, alpha, x, gen(), create_graph=False, **kw)
-        base = dkef.method_loss(method, model, torch.zeros_like(alpha), x, gen(),
-                                create_graph=False, **kw)
+        loss = dkef.method_loss(method, model, alpha, x, None, create_graph=False, seed=seed,
+                                **kw)
+        base = dkef.method_loss(method, model, torch.zeros_like(alpha), x, None,
+                                create_graph=False, seed=seed, **kw)
         quad = 0.5 * alpha @ G @ alpha + b @ alpha
         torch.testing.assert_close(loss - base, quad.detach(), rtol=1e-9, atol=1e-9)
 

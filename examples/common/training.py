@@ -273,6 +273,12 @@ def save_checkpoint(path: str, *, model, optimizer, step: int, history: dict, ar
         "rng": get_rng_state(),
         "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"},
     }
+    write_checkpoint(path, state)
+
+
+def write_checkpoint(path: str, state: dict) -> None:
+    """torch.save ``state`` to ``path`` atomically; the file it replaces becomes
+    PREV_CKPT_NAME beside it (the fallback of :func:`load_for_resume`)."""
     previous = os.path.join(os.path.dirname(path), PREV_CKPT_NAME)
     atomic_write(path, lambda f: torch.save(state, f), previous=previous)
 
@@ -333,6 +339,16 @@ def load_for_resume(folder: str, map_location, *, is_main: bool, log=print,
             problem += f"; moved it to {latest}.damaged"
         log(f"warning: {problem}; falling back to the previous checkpoint")
     return state, previous
+
+
+def resume_or_none(parser: argparse.ArgumentParser, folder: str, map_location, *,
+                   keys: tuple[str, ...] = _CKPT_KEYS, log=print) -> tuple[dict, str] | None:
+    """:func:`load_for_resume` for single-process scripts: a CheckpointError becomes a
+    one-line argument error."""
+    try:
+        return load_for_resume(folder, map_location, is_main=True, log=log, keys=keys)
+    except CheckpointError as e:
+        parser.error(f"--resume: {e}")
 
 
 # Options that must match between a checkpoint and the run resuming it.
