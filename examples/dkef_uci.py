@@ -373,21 +373,14 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
                       [:args.val_fit_size]]
     state = {"step": 0, "best_val": math.inf, "best_step": 0, "best_model": None,
              "history": {"train": [], "val": []}, "train_seconds": 0.0, "timed_steps": 0}
-    keys = ("model", "optimizer", "state", "args")
-    found = (training.resume_or_none(parser, out, "cpu", keys=keys) if args.resume
+    saved = (training.resume_run_state(parser, out, "cpu", model, opt, args) if args.resume
              else None)
-    if found is not None:
-        saved = found[0]
-        training.check_resume_args(parser, saved["args"], args)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+    if saved is not None:
+        state = saved
         log(f"{method} seed {seed}: resumed at step {state['step']}")
 
     def checkpoint():
-        s = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-             "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"}}
-        training.write_checkpoint(ckpt_path, s)
+        training.save_run_state(ckpt_path, model, opt, state, args)
 
     def validate(step: int) -> float:
         g = training.step_generator(seed, 1, step, torch.device("cpu"))

@@ -239,21 +239,14 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
     max_steps = args.epochs * per_epoch
     state = {"step": 0, "seconds": 0.0, "curve": [], "val": [], "train": [],
              "saved_bytes": None, "best_val_nll": math.inf, "best_step": 0, "best_model": None}
-    keys = ("model", "optimizer", "state", "args")
-    found = (training.resume_or_none(parser, out, device, keys=keys) if args.resume
+    saved = (training.resume_run_state(parser, out, device, flow, opt, args) if args.resume
              else None)
-    if found is not None:
-        saved = found[0]
-        training.check_resume_args(parser, saved["args"], args)
-        flow.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+    if saved is not None:
+        state = saved
         print(f"{method}: resumed at step {state['step']}")
 
     def checkpoint():
-        s = {"model": flow.state_dict(), "optimizer": opt.state_dict(), "state": state,
-             "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"}}
-        training.write_checkpoint(ckpt_path, s)
+        training.save_run_state(ckpt_path, flow, opt, state, args)
 
     def evaluate():
         nll, bpd = test_nll(flow, data["test"])

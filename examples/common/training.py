@@ -351,6 +351,32 @@ def resume_or_none(parser: argparse.ArgumentParser, folder: str, map_location, *
         parser.error(f"--resume: {e}")
 
 
+# Checkpoints of the scripts that keep their own loop state (dkef_uci, nice_mnist).
+STATE_CKPT_KEYS = ("model", "optimizer", "state", "args")
+
+
+def save_run_state(path: str, model, optimizer, state: dict, args) -> None:
+    """Checkpoint (model, optimizer, the script's loop ``state``, args) with
+    :func:`write_checkpoint`."""
+    write_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+        "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"}})
+
+
+def resume_run_state(parser: argparse.ArgumentParser, folder: str, map_location, model,
+                     optimizer, args) -> dict | None:
+    """Restore model and optimizer from a :func:`save_run_state` checkpoint in ``folder`` and
+    return the loop state; None when there is none. Mismatched options are argument errors."""
+    found = resume_or_none(parser, folder, map_location, keys=STATE_CKPT_KEYS)
+    if found is None:
+        return None
+    saved = found[0]
+    check_resume_args(parser, saved["args"], args)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["state"]
+
+
 # Options that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "eps", "sigma",
                      "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min",
