@@ -343,9 +343,13 @@ def plot_curves(path: str, results: list[dict]) -> None:
            ylabel="test NLL (nats, logit space)", title="NICE: test NLL against training time")
     finite = [v for r in results for v in list(zip(*r["curve"], strict=True))[2]
               if math.isfinite(v)]
-    if finite:
-        lo = min(finite)
-        ax.set_ylim(lo - 0.05 * abs(lo), lo + 0.6 * abs(lo))
+    finals = [r["curve"][-1][2] for r in results
+              if r["curve"] and math.isfinite(r["curve"][-1][2])]
+    if finite and finals:
+        # Every method's tail in view; the early (much larger) values of the first minutes
+        # are cut off.
+        lo, hi = min(finite), max(finals)
+        ax.set_ylim(lo - 0.05 * abs(lo), hi + 0.3 * (hi - lo))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
