@@ -267,9 +267,11 @@ def fit_alpha(method: str, model: DKEF, x: Tensor, g: torch.Generator, *, eps: f
 # ----------------------------------------------------------------------------- losses
 def method_loss(method: str, model: DKEF, alpha: Tensor, x: Tensor,
                 g: torch.Generator | None, *, eps: float, sigma: float,
-                create_graph: bool = True, seed: int | None = None) -> Tensor:
+                create_graph: bool = True, seed: int | None = None,
+                n_projections: int = 1) -> Tensor:
     """The method's score-matching loss (fdsm_ext) of log p~(.; alpha) on x; its random
-    draws come from ``g``, or from ``seed`` (fdsm_ext's ``seed=``)."""
+    draws come from ``g``, or from ``seed`` (fdsm_ext's ``seed=``); ``n_projections``
+    directions per sample for ssm, ssm_vr, fd_ssm and fd_dsm."""
     import fdsm_ext
 
     def logp(y):
@@ -278,12 +280,13 @@ def method_loss(method: str, model: DKEF, alpha: Tensor, x: Tensor,
     kw = {"output": "log_density", "generator": g, "seed": seed}
     if method == "exact":
         return fdsm_ext.exact_sm_loss(logp, x, output="log_density", create_graph=create_graph)
+    if method == "dsm":
+        return fdsm_ext.dsm_loss(logp, x, sigma, **kw)
+    kw["n_projections"] = n_projections
     if method in ("ssm", "ssm_vr"):
         return fdsm_ext.ssm_loss(logp, x, variance_reduction=method == "ssm_vr", **kw)
     if method == "fd_ssm":
         return fdsm_ext.fd_ssm_loss(logp, x, eps=eps, **kw)
-    if method == "dsm":
-        return fdsm_ext.dsm_loss(logp, x, sigma, **kw)
     return fdsm_ext.fd_dsm_loss(logp, x, sigma, eps=eps, **kw)
 
 
@@ -337,7 +340,8 @@ def train_step(args, method: str, model: DKEF, opt, train: Tensor, step: int,
     kw = {"eps": args.eps, "sigma": args.sigma}
     alpha = fit_alpha(method, model, train[idx[:half]], g, directions=args.alpha_directions,
                       **kw)
-    loss = method_loss(method, model, alpha, train[idx[half:]], g, **kw)
+    loss = method_loss(method, model, alpha, train[idx[half:]], g,
+                       n_projections=args.n_projections, **kw)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -389,11 +393,13 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
                               **kw).detach()
         with torch.enable_grad():
             return float(method_loss(method, model, alpha, val, g, create_graph=False,
-                                     **kw).detach())
+                                     n_projections=args.n_projections, **kw).detach())
 
     bar = tqdm(total=max_steps, initial=state["step"], desc=f"{method} s{seed}",
                disable=args.no_progress, dynamic_ncols=True)
-    stopped = False
+    # A resumed run that had already run out of patience stays stopped (a larger
+    # --max-epochs extends only the runs that the old cap cut short).
+    stopped = state["step"] - state["best_step"] >= args.patience
     while state["step"] < max_steps and not stopped:
         step = state["step"]
         t0 = time.perf_counter()
@@ -549,6 +555,8 @@ def build_parser():
     p.add_argument("--alpha-directions", type=training.positive_int, default=1,
                    help="fd_ssm, fd_dsm: orthogonal directions per sample in the alpha fit "
                         "(at most d)")
+    p.add_argument("--n-projections", type=training.positive_int, default=1,
+                   help="ssm, ssm_vr, fd_ssm, fd_dsm: random directions per sample in the loss")
     p.add_argument("--is-samples", type=training.positive_int, default=10**6,
                    help="importance samples for log Z")
     p.add_argument("--timing-rounds", type=training.nonneg_int, default=30,
@@ -583,6 +591,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     print(f"red wine: train {len(data[0])}, validation {len(data[1])}, test {len(data[2])}, "
           f"d = {data[0].shape[1]}; methods {' '.join(args.methods)}; seeds {args.seeds}")
+    max_steps = args.max_epochs * (len(data[0]) // args.batch_size)
     results = []
     for seed in args.seeds:
         for method in args.methods:
@@ -590,8 +599,11 @@ def main(argv=None):
             if (args.resume or args.report_only) and os.path.exists(done):
                 import json
 
-                results.append(json.load(open(done)))
-                continue
+                r = json.load(open(done))
+                # A run cut short by a smaller --max-epochs resumes from its checkpoint.
+                if args.report_only or r["early_stopped"] or r["steps"] >= max_steps:
+                    results.append(r)
+                    continue
             if args.report_only:
                 print(f"{method} seed {seed}: not finished, left out of the report")
                 continue

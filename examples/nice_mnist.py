@@ -430,14 +430,19 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     print(f"{args.dataset}: train {len(train)}, validation {len(val)}, test {len(test)}; NICE "
           f"hidden {args.hidden}, depth {args.depth}; methods {' '.join(args.methods)}")
+    max_steps = args.epochs * (len(train) // args.batch_size)
     results = []
     for method in args.methods:
         done = os.path.join(args.out, method, "metrics.json")
         if args.resume and os.path.exists(done):
             import json
 
-            results.append(json.load(open(done)))
-            continue
+            r = json.load(open(done))
+            # A run cut short by a smaller --epochs / --minutes resumes from its checkpoint.
+            out_of_budget = args.minutes is not None and r["train_seconds"] >= 60 * args.minutes
+            if r["steps"] >= max_steps or out_of_budget:
+                results.append(r)
+                continue
         try:
             r = train_method(args, parser, method, data, device)
         except FloatingPointError as e:

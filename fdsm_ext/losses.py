@@ -123,6 +123,7 @@ def fd_dsm_loss(
     model_kwargs: Mapping[str, Any] | None = None,
     shared: Sequence[int | str] = (),
     eps: float = 0.1,
+    n_projections: int = 1,
     output: str = "auto",
     reduction: str = "mean",
     seed: int | Tensor | None = None,
@@ -134,8 +135,11 @@ def fd_dsm_loss(
 
         (d/(2 eps^2)) ( 1/2 [L(x~+v) - L(x~-v)] + v^T (x~ - x)/sigma^2 )^2,
 
-    whose expectation over v is 1/2 ||grad L(x~) + (x~ - x)/sigma^2||^2 + O(eps^2), the DSM
-    loss. ``sigma``: a number or a per-sample tensor (B,). Score models need no finite
+    averaged over ``n_projections`` independent directions v for the same x~ (2 P B rows in
+    one call), whose expectation over v is 1/2 ||grad L(x~) + (x~ - x)/sigma^2||^2 + O(eps^2),
+    the DSM loss. One direction gives a noisier estimate than autograd DSM's full gradient
+    (its variance is about that of sliced score matching); more directions reduce it at the
+    cost of model rows. ``sigma``: a number or a per-sample tensor (B,). Score models need no finite
     differences for DSM: use :func:`fdsm_ext.dsm_loss`. ``output``: "energy" or
     "log_density" ("auto" refuses per-sample scalars, whose sign it cannot guess).
     ``model_args``, ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in
@@ -149,6 +153,7 @@ def fd_dsm_loss(
     fn = "fd_dsm_loss"
     check_x(x, fn, finite_differences=True)
     check_positive("eps", eps, fn)
+    check_int("n_projections", n_projections, 1, fn)
     check_reduction_output(output, reduction, fn)
     if output == "score":
         raise ValueError(f"{fn}: output='score' needs no finite differences; use dsm_loss")
@@ -161,8 +166,12 @@ def fd_dsm_loss(
     z = standard_normal(x2, stream(key, NOISE))
     x_tilde = x2 + sigma[:, None] * z
     target = z / sigma[:, None]
-    stacked, v = ops.random_stencil_batch(x_tilde, key, _SCORE_OFFSETS, 1, "sphere", float(eps))
-    out = call_model(model, stacked.reshape(-1, *event_shape), inputs.repeat(2), fn, batch=batch)
+    stacked, v = ops.random_stencil_batch(
+        x_tilde, key, _SCORE_OFFSETS, n_projections, "sphere", float(eps)
+    )
+    out = call_model(
+        model, stacked.reshape(-1, *event_shape), inputs.repeat(2 * n_projections), fn, batch=batch
+    )
     kind, sign = output_kind(out, event_shape, output, fn)
     if kind != SCALAR:
         raise ValueError(
@@ -170,9 +179,10 @@ def fd_dsm_loss(
             "needs no finite differences: use dsm_loss"
         )
     scale = x_tilde.shape[1] / (2 * eps**2)
-    per_sample = ops.fd_dsm_scalar(out.reshape(-1), v, target, scale, sign)
-    guard_fd_dsm(fn, out, per_sample, x_tilde.shape[1], float(eps))
-    return reduce(per_sample, reduction)
+    # Rows of v are projection-major (p B + b), so the targets tile the same way.
+    per_row = ops.fd_dsm_scalar(out.reshape(-1), v, target.repeat(n_projections, 1), scale, sign)
+    guard_fd_dsm(fn, out, per_row, x_tilde.shape[1], float(eps))
+    return reduce(per_row.reshape(n_projections, batch).mean(0), reduction)
 
 
 def fd_directional_derivative(

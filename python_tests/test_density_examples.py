@@ -180,6 +180,17 @@ def test_dkef_smoke_and_exact_resume(tmp_path):
         assert a["method"] == b["method"]
         assert a["test_nll"] == b["test_nll"] and a["test_exact_sm"] == b["test_exact_sm"]
 
+    # A finished run continues when --max-epochs grows, and then equals a fresh longer run.
+    longer = [*args, "--max-epochs", "2", "--timing-rounds", "0"]
+    extended = run(DKEF_SCRIPT, *longer, "--out", part, "--resume", timeout=300)
+    assert "fd_ssm seed 0: resumed at step 3" in extended.stdout
+    run(DKEF_SCRIPT, *longer, "--out", str(tmp_path / "fresh"), timeout=300)
+    m3 = json.load(open(os.path.join(part, "metrics.json")))
+    m4 = json.load(open(os.path.join(tmp_path, "fresh", "metrics.json")))
+    for a, b in zip(m3["runs"], m4["runs"]):
+        assert a["steps"] == b["steps"] == 6
+        assert a["test_nll"] == b["test_nll"] and a["test_exact_sm"] == b["test_exact_sm"]
+
 
 # --------------------------------------------------------------------------- NICE
 NICE_SCRIPT = os.path.join(EXAMPLES, "nice_mnist.py")
@@ -228,3 +239,11 @@ def test_nice_smoke(tmp_path):
         assert math.isfinite(r["test_exact_sm"]) and r["saved_for_backward_mb"] > 0
     for f in ("table.md", "nll_vs_time.png", "samples.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
+    # --resume with more --epochs continues the finished runs from their checkpoints.
+    more = run(NICE_SCRIPT, "--methods", "mle", "fd_ssm", "--limit", "300", "--test-limit", "50",
+               "--hidden", "16", "--depth", "2", "--epochs", "2", "--batch-size", "64",
+               "--eval-every", "2", "--sm-subset", "2", "--threads", "1", "--no-progress",
+               "--out", out, "--resume", timeout=300)
+    assert "fd_ssm: resumed at step 4" in more.stdout
+    assert [r["steps"] for r in json.load(open(os.path.join(out, "metrics.json")))["runs"]] \
+        == [8, 8]

@@ -135,21 +135,38 @@ def test_fd_ssm_parameter_gradients_approach_exact_sm():
 
 @pytest.mark.parametrize("energy", [False, True])
 @pytest.mark.parametrize("per_sample_sigma", [False, True])
-def test_fd_dsm_quadratic_closed_form(energy, per_sample_sigma):
-    """Per sample (d/(2 eps^2)) (v.(s(x~) + z/sigma))^2 exactly for a quadratic log-density."""
+@pytest.mark.parametrize("n_projections", [1, 3])
+def test_fd_dsm_quadratic_closed_form(energy, per_sample_sigma, n_projections):
+    """Per sample mean_p (d/(2 eps^2)) (v_p.(s(x~) + z/sigma))^2 exactly for a quadratic
+    log-density."""
     d, batch, eps = 3, 5, 0.2
     quad = QuadraticLogDensity(d)
     x = torch.randn(batch, d, dtype=torch.float64)
     sigma = torch.linspace(0.1, 0.5, batch, dtype=torch.float64) if per_sample_sigma else 0.3
     model = (lambda y: -quad(y)) if energy else quad
     loss = fd_dsm_loss(model, x, sigma, eps=eps, output="energy" if energy else "log_density",
-                       reduction="none", seed=5)
+                       n_projections=n_projections, reduction="none", seed=5)
     z = philox_normal(5, batch, d)
     sig = torch.as_tensor(sigma, dtype=x.dtype).expand(batch)[:, None]
     x_tilde = x + sig * z
-    _, v = reference.random_stencil_batch(x_tilde, 5, (1.0, -1.0), 1, "sphere", eps)
-    expected = d / (2 * eps**2) * ((v * (quad.score(x_tilde) + z / sig)).sum(1)) ** 2
-    torch.testing.assert_close(loss, expected)
+    _, v = reference.random_stencil_batch(x_tilde, 5, (1.0, -1.0), n_projections, "sphere", eps)
+    v = v.reshape(n_projections, batch, d)
+    expected = d / (2 * eps**2) * ((v * (quad.score(x_tilde) + z / sig)).sum(2)) ** 2
+    torch.testing.assert_close(loss, expected.mean(0))
+
+
+def test_fd_dsm_many_projections_approach_dsm():
+    """Averaged over many directions, FD-DSM tends to the DSM loss at the same x~ (exact in v
+    for a quadratic): 1/2 ||s(x~) + z/sigma||^2; relative spread about 1.1/sqrt(P) at d = 6."""
+    d, batch, sigma, p = 6, 4, 0.3, 2000
+    quad = QuadraticLogDensity(d)
+    x = torch.randn(batch, d, dtype=torch.float64)
+    loss = fd_dsm_loss(quad, x, sigma, n_projections=p, output="log_density",
+                       reduction="none", seed=9)
+    z = philox_normal(9, batch, d)
+    x_tilde = x + sigma * z
+    dsm = 0.5 * (quad.score(x_tilde) + z / sigma).pow(2).sum(1)
+    torch.testing.assert_close(loss, dsm, rtol=0.1, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -158,6 +175,7 @@ def test_fd_dsm_quadratic_closed_form(energy, per_sample_sigma):
         (lambda m, x: fd_ssm_loss(m, x, output="log_density"), 3),
         (lambda m, x: fd_ssm_loss(m, x, n_projections=4, output="energy"), 9),
         (lambda m, x: fd_dsm_loss(m, x, 0.1, output="log_density"), 2),
+        (lambda m, x: fd_dsm_loss(m, x, 0.1, n_projections=3, output="energy"), 6),
     ],
 )
 def test_scalar_model_called_once_on_stacked_batch(call, rows_per_sample):

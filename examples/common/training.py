@@ -380,7 +380,7 @@ def resume_run_state(parser: argparse.ArgumentParser, folder: str, map_location,
 # Options that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "eps", "sigma",
                      "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min",
-                     "condition")
+                     "condition", "alpha_directions")
 
 
 def check_resume_args(p: argparse.ArgumentParser, saved: dict, args) -> None:
