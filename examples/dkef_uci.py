@@ -619,7 +619,8 @@ def main(argv=None):
     summary = summarise(results, args.methods)
     timing = timing_pass(args, data[0]) if args.timing_rounds else {}
     for m, t in timing.items():
-        summary[m]["interleaved_seconds_per_iteration"] = t
+        if m in summary:  # a method with no finished run has no row to time
+            summary[m]["interleaved_seconds_per_iteration"] = t
     training.save_json(os.path.join(args.out, "metrics.json"), {
         "summary": summary, "runs": [{k: v for k, v in r.items() if k != "history"}
                                      for r in results],
