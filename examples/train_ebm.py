@@ -54,7 +54,7 @@ def build_parser():
     p.add_argument("--eps", type=training.positive_float, default=0.1,
                    help="finite-difference step: the norm of the direction v (fd_* methods)")
     p.add_argument("--n-projections", type=training.positive_int, default=1,
-                   help="random directions v per sample (sliced methods: fd_ssm, ssm, ssm_vr)")
+                   help="random directions v per sample (fd_ssm, fd_dsm, ssm, ssm_vr)")
     p.add_argument("--sigma-max", type=training.positive_float, default=1.0)
     p.add_argument("--sigma-min", type=training.positive_float, default=0.05)
     p.add_argument("--n-sigmas", type=training.positive_int, default=10)
@@ -97,7 +97,7 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int 
         kw["eps"] = eps
     if method in ("ssm", "ssm_vr"):
         kw.update(method="ssm", variance_reduction=method == "ssm_vr")
-    if method in ("fd_ssm", "ssm", "ssm_vr"):
+    if method in ("fd_ssm", "fd_dsm", "ssm", "ssm_vr"):
         kw["n_projections"] = n_projections
 
     def loss_fn(net, x, g):
