@@ -596,14 +596,12 @@ def main(argv=None):
     for seed in args.seeds:
         for method in args.methods:
             done = os.path.join(run_dir(args, method, seed), "metrics.json")
-            if (args.resume or args.report_only) and os.path.exists(done):
-                import json
-
-                r = json.load(open(done))
-                # A run cut short by a smaller --max-epochs resumes from its checkpoint.
-                if args.report_only or r["early_stopped"] or r["steps"] >= max_steps:
-                    results.append(r)
-                    continue
+            r = (training.finished_result(done, lambda r: args.report_only or r["early_stopped"]
+                                          or r["steps"] >= max_steps)
+                 if args.resume or args.report_only else None)
+            if r is not None:
+                results.append(r)
+                continue
             if args.report_only:
                 print(f"{method} seed {seed}: not finished, left out of the report")
                 continue

@@ -437,15 +437,12 @@ def main(argv=None):
     results = []
     for method in args.methods:
         done = os.path.join(args.out, method, "metrics.json")
-        if args.resume and os.path.exists(done):
-            import json
-
-            r = json.load(open(done))
-            # A run cut short by a smaller --epochs / --minutes resumes from its checkpoint.
-            out_of_budget = args.minutes is not None and r["train_seconds"] >= 60 * args.minutes
-            if r["steps"] >= max_steps or out_of_budget:
-                results.append(r)
-                continue
+        r = (training.finished_result(done, lambda r: r["steps"] >= max_steps or (
+            args.minutes is not None and r["train_seconds"] >= 60 * args.minutes))
+             if args.resume else None)
+        if r is not None:
+            results.append(r)
+            continue
         try:
             r = train_method(args, parser, method, data, device)
         except FloatingPointError as e:

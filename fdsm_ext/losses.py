@@ -179,8 +179,10 @@ def fd_dsm_loss(
             "needs no finite differences: use dsm_loss"
         )
     scale = x_tilde.shape[1] / (2 * eps**2)
-    # Rows of v are projection-major (p B + b), so the targets tile the same way.
-    per_row = ops.fd_dsm_scalar(out.reshape(-1), v, target.repeat(n_projections, 1), scale, sign)
+    # Rows of v are projection-major (p B + b), so the targets tile the same way (a view for
+    # one projection, a copy only for several).
+    targets = target.expand(n_projections, *target.shape).reshape(-1, target.shape[1])
+    per_row = ops.fd_dsm_scalar(out.reshape(-1), v, targets, scale, sign)
     guard_fd_dsm(fn, out, per_row, x_tilde.shape[1], float(eps))
     return reduce(per_row.reshape(n_projections, batch).mean(0), reduction)
 

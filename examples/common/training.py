@@ -287,6 +287,17 @@ def save_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
+def finished_result(path: str, complete) -> dict | None:
+    """The result a finished run saved at ``path`` (its metrics.json), or None when there is
+    none or ``complete(result)`` is false: a run cut short by a smaller budget than the
+    current one, which then resumes from its checkpoint."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return result if complete(result) else None
+
+
 class CheckpointError(Exception):
     """A checkpoint file that cannot be read (truncated, overwritten, not a checkpoint)."""
 
