@@ -212,6 +212,24 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
     assert len(set(first.values())) == 1
 
 
+def test_learning_curves_noisy_ssm_pair_alone(tmp_path):
+    out = str(tmp_path / "ssm")
+    args = ("--steps", "2", "--out", out, "--pairs", "ssm", "--ssm-sigma", "0.1", *TINY_CURVES)
+    run(CURVES, *args)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert set(m["methods"]) == {"ssm", "fd_ssm"}
+    h = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["hist"]
+    assert h["ssm"]["eval_sm"][0] == h["fd_ssm"]["eval_sm"][0]  # same init, same noisy images
+    # The clean run's held-out loss at step 0 is the same model on images without the noise.
+    clean = str(tmp_path / "clean")
+    run(CURVES, "--steps", "2", "--out", clean, "--pairs", "ssm", *TINY_CURVES)
+    hc = torch.load(os.path.join(clean, "checkpoint.pt"), weights_only=False)["hist"]
+    assert hc["ssm"]["eval_sm"][0][1] != h["ssm"]["eval_sm"][0][1]
+    bad = run(CURVES, "--steps", "4", "--out", out, "--resume", "--pairs", "ssm", *TINY_CURVES,
+              check=False)
+    assert bad.returncode == 2 and "--ssm-sigma 0.1" in bad.stderr
+
+
 def test_flat_from():
     curves = load_script(CURVES)
     evals = [(0, 10.0), (100, 5.0), (200, 1.2), (300, 1.02), (400, 0.99), (500, 1.0)]

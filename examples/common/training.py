@@ -59,6 +59,13 @@ def nonneg_int(s: str) -> int:
     return v
 
 
+def nonneg_float(s: str) -> float:
+    v = float(s)
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
 def positive_float(s: str) -> float:
     v = float(s)
     if not (v > 0 and math.isfinite(v)):
