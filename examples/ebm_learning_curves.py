@@ -11,7 +11,9 @@ bound (the pixels sit on a lower-dimensional set; the paper's SSM column is -3e7
 iterations), so that pair's curves keep falling. ``--ssm-sigma s`` trains the SSM pair on
 x + s z instead (fresh z each step, the same for both methods) and scores it on held-out
 images plus fixed noise: there J_SM is bounded below by minus half the Fisher information
-of the smoothed data, so the curves can flatten. ``--pairs`` picks the pairs to train.
+of the smoothed data, so the curves can flatten. ``--pairs`` picks the pairs to train;
+``--resume`` with fewer pairs than the checkpoint continues only those (each method's batches
+and random numbers depend on the iteration alone, so the values are those of a full run).
 
 The methods start from the same initialisation and are trained in lockstep: iteration i of
 every method (in rotating order) on the same batch and with the same random numbers (the
@@ -173,7 +175,7 @@ def main(argv=None):
     ckpt = os.path.join(args.out, training.CKPT_NAME)
     ckpt_keys = ("models", "opts", "hist", "step", "rng", "args")
     must_match = ("dataset", "n_train", "batch_size", "lr", "width", "head_dim", "sigma", "eps",
-                  "seed", "eval_size", "dsm_eval_size", "pairs", "ssm_sigma")
+                  "seed", "eval_size", "dsm_eval_size", "ssm_sigma")
     loaded = (training.resume_or_none(parser, args.out, "cpu", keys=ckpt_keys)
               if args.resume else None)
     if loaded is not None:
@@ -183,10 +185,14 @@ def main(argv=None):
             if saved != getattr(args, k):
                 parser.error(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                              f"{saved}, this run has {getattr(args, k)}")
+        saved_pairs = state["args"].get("pairs", parser.get_default("pairs"))
+        if not set(args.pairs) <= set(saved_pairs):
+            parser.error(f"--resume: checkpoint holds --pairs {' '.join(saved_pairs)}; this run "
+                         f"asks for {' '.join(args.pairs)}")
         for m in methods:
             models[m].load_state_dict(state["models"][m])
             opts[m].load_state_dict(state["opts"][m])
-        hist, start = state["hist"], state["step"]
+        hist, start = {m: state["hist"][m] for m in methods}, state["step"]
         training.set_rng_state(state["rng"])
         print(f"resumed from {path} at step {start}")
 

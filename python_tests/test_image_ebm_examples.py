@@ -207,6 +207,18 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
         for k, v in a["models"][meth].items():
             assert torch.equal(v, b["models"][meth][k]), (meth, k)
         assert a["hist"][meth]["eval_sm"] == b["hist"][meth]["eval_sm"]
+    # Continuing only the DSM pair gives that pair's values of the full run.
+    run(CURVES, "--steps", "6", "--out", full, "--resume", *TINY_CURVES)
+    run(CURVES, "--steps", "6", "--out", part, "--resume", "--pairs", "dsm", *TINY_CURVES)
+    c = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=False)
+    d = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+    assert set(d["models"]) == {"dsm", "fd_dsm"}
+    for meth in d["models"]:
+        for k, v in c["models"][meth].items():
+            assert torch.equal(v, d["models"][meth][k]), (meth, k)
+        assert c["hist"][meth]["eval_sm"] == d["hist"][meth]["eval_sm"]
+    bad = run(CURVES, "--steps", "8", "--out", part, "--resume", *TINY_CURVES, check=False)
+    assert bad.returncode == 2 and "holds --pairs dsm" in bad.stderr
     # The four models start identical (same init): the held-out SM at step 0 agrees.
     first = {meth: a["hist"][meth]["eval_sm"][0][1] for meth in a["hist"]}
     assert len(set(first.values())) == 1
