@@ -147,20 +147,22 @@ class NICE(nn.Module):
 
 # ----------------------------------------------------------------------------- losses
 def method_loss(method: str, flow: NICE, x: Tensor, g: torch.Generator, *, eps: float,
-                sigma: float) -> Tensor:
+                sigma: float, n_projections: int = 1) -> Tensor:
     import fdsm_ext
 
     kw = {"output": "log_density", "generator": g}
+    sliced = kw | {"n_projections": n_projections}
     if method == "mle":
         return -flow.log_prob(x).mean()
     if method in ("ssm", "ssm_vr"):
-        return fdsm_ext.ssm_loss(flow.log_prob, x, variance_reduction=method == "ssm_vr", **kw)
+        return fdsm_ext.ssm_loss(flow.log_prob, x, variance_reduction=method == "ssm_vr",
+                                 **sliced)
     if method == "fd_ssm":
-        return fdsm_ext.fd_ssm_loss(flow.log_prob, x, eps=eps, **kw)
+        return fdsm_ext.fd_ssm_loss(flow.log_prob, x, eps=eps, **sliced)
     if method == "dsm":
         return fdsm_ext.dsm_loss(flow.log_prob, x, sigma, **kw)
     if method == "fd_dsm":
-        return fdsm_ext.fd_dsm_loss(flow.log_prob, x, sigma, eps=eps, **kw)
+        return fdsm_ext.fd_dsm_loss(flow.log_prob, x, sigma, eps=eps, **sliced)
     return fdsm_ext.exact_sm_loss(flow.log_prob, x, output="log_density", create_graph=True)
 
 
@@ -203,7 +205,8 @@ def train_step(args, method: str, flow: NICE, opt, train: Tensor, step: int,
     x = to_logit(train[idx], g).to(device)
 
     def step_loss():
-        return method_loss(method, flow, x, g, eps=args.eps, sigma=args.sigma)
+        return method_loss(method, flow, x, g, eps=args.eps, sigma=args.sigma,
+                           n_projections=args.n_projections)
 
     loss, saved = saved_tensor_bytes(step_loss) if count_saved else (step_loss(), None)
     opt.zero_grad(set_to_none=True)
@@ -392,6 +395,8 @@ def build_parser():
     p.add_argument("--lr", type=training.positive_float, default=None,
                    help="one learning rate for all methods (default: the authors' per method)")
     p.add_argument("--eps", type=training.positive_float, default=0.1)
+    p.add_argument("--n-projections", type=training.positive_int, default=1,
+                   help="random directions per sample (SSM, SSM-VR, FD-SSM, FD-DSM)")
     p.add_argument("--sigma", type=training.positive_float, default=0.1,
                    help="DSM / FD-DSM noise in the logit space")
     p.add_argument("--sm-subset", type=training.positive_int, default=32,
