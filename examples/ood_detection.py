@@ -132,8 +132,9 @@ def batch_scores(energy, name, images, args, size, g) -> torch.Tensor:
     return e.view(args.batches, args.m).mean(1)
 
 
-def interleaved_ms(model, sigmas, train_x, args) -> dict:
-    """Median ms of one DSM and one FD-DSM training step, interleaved, same batch and model."""
+def interleaved_ms(model, sigmas, train_x, args, n_projections: int = 1) -> dict:
+    """Median ms of one DSM and one FD-DSM training step (``n_projections`` directions per
+    sample), interleaved, same batch and model."""
     import copy
     import time
 
@@ -144,7 +145,7 @@ def interleaved_ms(model, sigmas, train_x, args) -> dict:
     for method in ("dsm", "fd_dsm"):
         net = copy.deepcopy(model).train()
         opt = torch.optim.Adam(net.parameters(), lr=1e-6)
-        loss_fn = train_ebm.make_loss(method, sigmas, 0.1)
+        loss_fn = train_ebm.make_loss(method, sigmas, 0.1, n_projections)
         steps[method] = (net, opt, loss_fn)
     times = {m: [] for m in steps}
     for r in range(args.time_rounds + 1):  # round 0: warm-up
@@ -192,8 +193,10 @@ def evaluate_run(parser, folder, args, bar) -> dict:
         y = [0] * len(in_scores) + [1] * len(ood)
         auroc[name] = float(roc_auc_score(y, torch.cat([in_scores, ood]).numpy()))
         bar.update(1)
-    timing = interleaved_ms(model, sigmas, train_x, args) if args.time_rounds else {}
+    n_proj = a.get("n_projections", 1)
+    timing = interleaved_ms(model, sigmas, train_x, args, n_proj) if args.time_rounds else {}
     return {"run": folder, "dataset": a["dataset"], "method": a["method"],
+            "n_projections": n_proj,
             "trained_steps": a["trained_steps"], "width": a["width"],
             "batch_size": a["batch_size"], "energy_sigma": float(sigmas[level]),
             "train_ms_per_iter": 1e3 * metrics["seconds_per_iteration"]
@@ -211,7 +214,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r["interleaved_ms_per_iter"].get(r["method"])
-        cells = [r["dataset"], r["method"], str(r["trained_steps"]),
+        algo = r["method"] + (f" ({r['n_projections']} directions)"
+                              if r.get("n_projections", 1) > 1 else "")
+        cells = [r["dataset"], algo, str(r["trained_steps"]),
                  fmt(r["train_ms_per_iter"], "{:.0f}"), fmt(t, "{:.0f}")]
         cells += [(f"**{fmt(r['auroc'][n])}**" if n == r["dataset"] else fmt(r["auroc"][n]))
                   for n in TEST_SETS]
