@@ -180,11 +180,9 @@ def main(argv=None):
               if args.resume else None)
     if loaded is not None:
         state, path = loaded
-        for k in must_match:
-            saved = state["args"].get(k, parser.get_default(k))
-            if saved != getattr(args, k):
-                parser.error(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
-                             f"{saved}, this run has {getattr(args, k)}")
+        training.check_resume_args(
+            parser, {k: state["args"].get(k, parser.get_default(k)) for k in must_match}, args,
+            keys=must_match)
         saved_pairs = state["args"].get("pairs", parser.get_default("pairs"))
         if not set(args.pairs) <= set(saved_pairs):
             parser.error(f"--resume: checkpoint holds --pairs {' '.join(saved_pairs)}; this run "

@@ -401,8 +401,9 @@ RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "
                      "condition", "alpha_directions")
 
 
-def check_resume_args(p: argparse.ArgumentParser, saved: dict, args) -> None:
-    for k in RESUME_MUST_MATCH:
+def check_resume_args(p: argparse.ArgumentParser, saved: dict, args,
+                      keys: tuple[str, ...] = RESUME_MUST_MATCH) -> None:
+    for k in keys:
         if k in saved and getattr(args, k, None) != saved[k]:
             p.error(f"--resume: checkpoint was made with --{k.replace('_', '-')} {saved[k]}, "
                     f"this run has {getattr(args, k, None)}")
