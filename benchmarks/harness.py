@@ -444,7 +444,7 @@ def write_readme(outdir: Path, mode: str) -> Path:
         payload = json.loads(js.read_text())
         m = payload["machine"]
         machines.append(
-            f"| {name} | {m['date']} | `{payload['command']}` | "
+            f"| {name} | {m['date']} | {m['cpu']}, {m['cores']} cores | `{payload['command']}` | "
             f"{' / '.join(f'{x:.2f}' for x in m['load_average_1_5_15'])} | "
             f"{m.get('examples_models_py_sha256', '?')} | {m.get('fdsm_ext_C_sha256', '?')} |"
         )
@@ -458,9 +458,11 @@ def write_readme(outdir: Path, mode: str) -> Path:
         last_machine = m
     if not body:
         raise FileNotFoundError(f"no benchmark results in {outdir}")
+    # Benchmarks re-run alone (--only) may come from another machine: each row names its CPU.
     m = last_machine
     parts.append(
-        f"Machine: {m['cpu']}, {m['cores']} cores (torch uses {m['torch_threads']} threads), "
+        f"Machine of the last row below (each row names its own CPU): "
+        f"{m['cpu']}, {m['cores']} cores (torch uses {m['torch_threads']} threads), "
         f"torch {m['torch']}, Python {m['python']}, device `{m['device']}`"
         + (f" ({m['gpu']})" if "gpu" in m else "")
         + f", fdsm_ext CUDA kernels: {m['has_cuda_kernels']}.\n"
@@ -472,9 +474,9 @@ def write_readme(outdir: Path, mode: str) -> Path:
         "`torch.cuda.max_memory_allocated` on GPU), one fresh process per method. The load "
         "average shows how busy the machine was (other jobs share it).\n"
     )
-    parts.append("| benchmark | run at | command | load avg (1/5/15 min) | "
+    parts.append("| benchmark | run at | CPU | command | load avg (1/5/15 min) | "
                  "examples/common/models.py sha256 | fdsm_ext._C sha256 |\n"
-                 "|---|---|---|---|---|---|")
+                 "|---|---|---|---|---|---|---|")
     parts.append("\n".join(machines) + "\n")
     if targets:
         parts.append("## Targets\n")

@@ -33,7 +33,9 @@ def quick_results(tmp_path_factory):
 
 def test_readme_has_machine_targets_and_every_section(quick_results):
     readme = (quick_results / "README.md").read_text()
-    assert "Machine:" in readme and "CUDA kernels" in readme
+    assert "Machine of the last row below" in readme and "CUDA kernels" in readme
+    cpu = json.loads((quick_results / "deep_ebm.json").read_text())["machine"]["cpu"]
+    assert "| CPU |" in readme and "| deep_ebm | " in readme and f"| {cpu}, " in readme
     assert "## Targets" in readme
     for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert title in readme
