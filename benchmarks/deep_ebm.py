@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import fdsm_ext
-from fdsm_ext import _ops
+from fdsm_ext import _ops, _random
 
 from .harness import (
     Section,
@@ -40,18 +40,20 @@ from .harness import (
     sync,
 )
 
-METHODS = ("dsm", "fd_dsm", "fd_dsm_seq", "ssm", "ssm_vr", "fd_ssm", "fd_ssm_seq")
+METHODS = ("dsm", "fd_dsm", "fd_dsm_seq", "fd_dsm_residual", "fd_dsm_residual_1s", "ssm",
+           "ssm_vr", "fd_ssm", "fd_ssm_seq")
 LABELS = {
     "dsm": "DSM",
-    "fd_dsm": "FD-DSM",
-    "fd_dsm_seq": "FD-DSM (sequential evaluations)",
+    "fd_dsm": "FD-DSM (random)",
+    "fd_dsm_seq": "FD-DSM (random, sequential evaluations)",
+    "fd_dsm_residual": "FD-DSM (residual)",
+    "fd_dsm_residual_1s": "FD-DSM (residual, one-sided)",
     "ssm": "SSM",
     "ssm_vr": "SSM-VR",
     "fd_ssm": "FD-SSM",
     "fd_ssm_seq": "FD-SSM (sequential evaluations)",
 }
-BASELINE = {"dsm": "dsm", "fd_dsm": "dsm", "fd_dsm_seq": "dsm", "ssm": "ssm", "ssm_vr": "ssm",
-            "fd_ssm": "ssm", "fd_ssm_seq": "ssm"}
+BASELINE = {m: "dsm" if "dsm" in m else "ssm" for m in METHODS}
 
 # Learning-curve runs of this network (examples/ebm_learning_curves.py, commands in the README):
 # 300 iterations are far from convergence, so the held-out gaps that the paper's SM column
@@ -117,11 +119,34 @@ def fd_dsm_sequential(model, x, sigma, eps):
     return _ops.fd_dsm_scalar(f, v, z / sigma, d / (2 * eps**2), -1.0).mean()
 
 
+def fd_dsm_residual_one_sided(model, x, sigma, eps):
+    """FD-DSM along the residual with a one-sided difference that reuses the B-row forward:
+    D = ||a|| (L(x~ + eps a^) - L(x~)) / eps, O(eps) accurate (B + B rows; the central form
+    in the library costs B + 2B rows and is O(eps^2))."""
+    b = x.shape[0]
+    key = _random.resolve_seed(None, None, x.device, "one-sided FD-DSM")  # the library's z
+    z = _random.standard_normal(x.reshape(b, -1), _random.stream(key, _random.NOISE))
+    z = z.reshape(x.shape)
+    x_tilde = (x + sigma * z).detach().requires_grad_(True)
+    log_p0 = -model(x_tilde)
+    (grad,) = torch.autograd.grad(log_p0.sum(), x_tilde, retain_graph=True)
+    residual = (grad + z / sigma).reshape(b, -1)
+    norm = residual.norm(dim=1)
+    unit = (residual / norm[:, None]).reshape(x.shape)
+    log_p1 = -model(x_tilde.detach() + eps * unit)
+    slope = norm * (log_p1 - log_p0) / eps
+    return (0.5 * norm**2 + slope - slope.detach()).mean()
+
+
 def loss_fn(method: str, sigma: float, eps: float):
     e = dict(output="energy")
     return {
         "dsm": lambda m, x: fdsm_ext.dsm_loss(m, x, sigma, **e),
-        "fd_dsm": lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps, **e),
+        "fd_dsm": lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps, direction="random",
+                                                    **e),
+        "fd_dsm_residual": lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps,
+                                                             direction="residual", **e),
+        "fd_dsm_residual_1s": lambda m, x: fd_dsm_residual_one_sided(m, x, sigma, eps),
         "fd_dsm_seq": lambda m, x: fd_dsm_sequential(m, x, sigma, eps),
         "ssm": lambda m, x: fdsm_ext.ssm_loss(m, x, **e),
         "ssm_vr": lambda m, x: fdsm_ext.ssm_loss(m, x, variance_reduction=True, **e),
@@ -178,6 +203,28 @@ def estimator_check(model, x, n_proj: int, exact: float) -> dict:
     return out
 
 
+def residual_gradient_check(model, x, sigma: float) -> dict:
+    """Relative error of the parameter gradient against DSM's double backward (same z), for
+    the central (library) and one-sided residual FD-DSM and one random direction, per eps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad(loss_f):
+        torch.manual_seed(77)  # the same z for every estimator
+        return torch.autograd.grad(loss_f(model, x), params, allow_unused=True,
+                                   materialize_grads=True)
+
+    want = grad(loss_fn("dsm", sigma, 0.1))
+    norm = math.sqrt(sum(float((w * w).sum()) for w in want))
+    out = {}
+    for eps in (1.0, 0.3, 0.1, 0.03, 0.01):
+        out[str(eps)] = {}
+        for m in ("fd_dsm_residual", "fd_dsm_residual_1s", "fd_dsm"):
+            got = grad(loss_fn(m, sigma, eps))
+            err = math.sqrt(sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want)))
+            out[str(eps)][m] = err / norm
+    return out
+
+
 def child_profile(cfg: dict, device: str, threads: int | None) -> dict:
     """torch.profiler of one SSM and one FD-SSM iteration: top ops by self CPU time."""
     if threads:
@@ -187,7 +234,7 @@ def child_profile(cfg: dict, device: str, threads: int | None) -> dict:
     size = cfg["image_size"]
     x = torch.rand(cfg["batch"], 1, size, size, device=device)
     out = {}
-    for m in ("ssm", "fd_ssm", "dsm", "fd_dsm"):
+    for m in ("ssm", "fd_ssm", "dsm", "fd_dsm", "fd_dsm_residual"):
         _, step = make_step(m, cfg, size, device)
         step(x)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -236,6 +283,8 @@ def child_train(cfg: dict, device: str, threads: int | None) -> dict:
              for m in ("ssm", "fd_ssm")}
     return {"times": times, "losses": losses, "heldout_sm": sm, "heldout_sm_init": sm_init,
             "estimator_check": check,
+            "residual_gradient_check": residual_gradient_check(
+                models["dsm"], train[:cfg["batch"]], cfg["sigma"]),
             "data": data_name, "image_size": size, "n_train": int(train.shape[0]),
             "eval_s_per_model": eval_s}
 
@@ -255,7 +304,8 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
         mem[m] = in_fresh_process(child_memory, "benchmarks.deep_ebm:build",
                                   cfg | {"image_size": res["image_size"]}, m, device, threads)
     print("[deep_ebm] timing split: model alone on B, 2B, 3B rows", flush=True)
-    split_methods = ["model:1", "model:2", "model:3", "dsm", "fd_dsm", "ssm", "fd_ssm"]
+    split_methods = ["model:1", "model:2", "model:3", "dsm", "fd_dsm", "fd_dsm_residual",
+                     "fd_dsm_residual_1s", "ssm", "fd_ssm"]
     split = measure("benchmarks.deep_ebm:build", cfg | {"image_size": res["image_size"]},
                     split_methods, device=device, warmup=1, rounds=cfg["split_rounds"],
                     reps=1, memory=False, threads=threads)
@@ -300,6 +350,7 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
         _curves_markdown(curves),
         _split_markdown(split, prof),
         _check_markdown(res, cfg),
+        _residual_markdown(res),
     ]
     _plot(res, t_ms, step_mib, outdir / "deep_ebm.png")
 
@@ -337,7 +388,11 @@ def _split_markdown(split, prof) -> str:
         ["model alone, 2B rows", t["model:2"], ratio(t["model:2"], t["model:1"])],
         ["model alone, 3B rows", t["model:3"], ratio(t["model:3"], t["model:1"])],
         ["DSM step (double backward on B rows)", t["dsm"], ratio(t["dsm"], t["model:1"])],
-        ["FD-DSM step (2B rows)", t["fd_dsm"], ratio(t["fd_dsm"], t["model:1"])],
+        ["FD-DSM (random) step (2B rows)", t["fd_dsm"], ratio(t["fd_dsm"], t["model:1"])],
+        ["FD-DSM (residual) step (input gradient on B rows, then 2B rows)",
+         t["fd_dsm_residual"], ratio(t["fd_dsm_residual"], t["model:1"])],
+        ["FD-DSM (residual, one-sided) step (B + B rows)", t["fd_dsm_residual_1s"],
+         ratio(t["fd_dsm_residual_1s"], t["model:1"])],
         ["SSM step (double backward on B rows)", t["ssm"], ratio(t["ssm"], t["model:1"])],
         ["FD-SSM step (3B rows)", t["fd_ssm"], ratio(t["fd_ssm"], t["model:1"])],
     ]
@@ -353,7 +408,11 @@ def _split_markdown(split, prof) -> str:
         f"Bounds from this split: FD-SSM / SSM >= {fmt(ratio(t['model:3'], t['ssm']))} "
         f"(measured here {fmt(ratio(t['fd_ssm'], t['ssm']))}); FD-DSM / DSM >= "
         f"{fmt(ratio(t['model:2'], t['dsm']))} (measured here "
-        f"{fmt(ratio(t['fd_dsm'], t['dsm']))}); time outside the model in the FD-SSM step: "
+        f"{fmt(ratio(t['fd_dsm'], t['dsm']))}); FD-DSM (residual) / DSM "
+        f"{fmt(ratio(t['fd_dsm_residual'], t['dsm']))}, / (model on 2B rows) "
+        f"{fmt(ratio(t['fd_dsm_residual'], t['model:2']))}; one-sided / DSM "
+        f"{fmt(ratio(t['fd_dsm_residual_1s'], t['dsm']))}; time outside the model in the "
+        "FD-SSM step: "
         f"{fmt(100 * ratio(t['fd_ssm'] - t['model:3'], t['fd_ssm']))}%, in the FD-DSM step: "
         f"{fmt(100 * ratio(t['fd_dsm'] - t['model:2'], t['fd_dsm']))}%.\n",
     ]
@@ -385,6 +444,22 @@ def _check_markdown(res, cfg) -> str:
     ])
 
 
+def _residual_markdown(res) -> str:
+    check = res["residual_gradient_check"]
+    methods = ("fd_dsm_residual", "fd_dsm_residual_1s", "fd_dsm")
+    rows = [[eps] + [check[eps][m] for m in methods] for eps in check]
+    return "\n".join([
+        "### FD-DSM gradients against DSM's (float32, the final DSM model)\n",
+        "Relative error ||g - g_DSM|| / ||g_DSM|| of the parameter gradient on one training "
+        "batch, with the same noise z: central residual differences (the library's "
+        "`direction=\"residual\"`, O(eps^2) truncation), one-sided residual differences "
+        "(O(eps)) and one random direction (the paper's estimator, whose error is slicing "
+        "noise). Rounding grows like 1/eps.\n",
+        md_table(["eps"] + [LABELS[m] for m in methods], rows),
+        "",
+    ])
+
+
 def _curve_gap(curves: dict, pair: str) -> tuple[float, str]:
     """Relative gap of the final held-out SM, FD vs autograd, in a learning-curve run."""
     if pair not in curves:
@@ -405,8 +480,7 @@ def _curves_markdown(curves: dict) -> str:
         cfg = run["config"]
         data = "clean images" if not cfg.get("ssm_sigma") or pair == "dsm" else (
             f"images + N(0, {cfg['ssm_sigma']}^2)")
-        for m in (pair, "fd_" + pair):
-            r = run["methods"][m]
+        for m, r in run["methods"].items():
             rows.append([LABELS[m], data, cfg["steps"], r["final_heldout_exact_sm"],
                          r["final_heldout_dsm"], str(r["flat_from_iteration"]),
                          "yes" if r["converged"] else "no", r["ms_per_iteration"]])

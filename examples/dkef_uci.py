@@ -268,10 +268,11 @@ def fit_alpha(method: str, model: DKEF, x: Tensor, g: torch.Generator, *, eps: f
 def method_loss(method: str, model: DKEF, alpha: Tensor, x: Tensor,
                 g: torch.Generator | None, *, eps: float, sigma: float,
                 create_graph: bool = True, seed: int | None = None,
-                n_projections: int = 1) -> Tensor:
+                n_projections: int = 1, fd_dsm_direction: str = "residual") -> Tensor:
     """The method's score-matching loss (fdsm_ext) of log p~(.; alpha) on x; its random
     draws come from ``g``, or from ``seed`` (fdsm_ext's ``seed=``); ``n_projections``
-    directions per sample for ssm, ssm_vr, fd_ssm and fd_dsm."""
+    directions per sample for ssm, ssm_vr, fd_ssm and fd_dsm along random directions
+    (``fd_dsm_direction``: "residual", DSM's gradient, or "random")."""
     import fdsm_ext
 
     def logp(y):
@@ -287,7 +288,9 @@ def method_loss(method: str, model: DKEF, alpha: Tensor, x: Tensor,
         return fdsm_ext.ssm_loss(logp, x, variance_reduction=method == "ssm_vr", **kw)
     if method == "fd_ssm":
         return fdsm_ext.fd_ssm_loss(logp, x, eps=eps, **kw)
-    return fdsm_ext.fd_dsm_loss(logp, x, sigma, eps=eps, **kw)
+    if fd_dsm_direction == "residual":
+        kw.pop("n_projections")
+    return fdsm_ext.fd_dsm_loss(logp, x, sigma, eps=eps, direction=fd_dsm_direction, **kw)
 
 
 def test_exact_sm(model: DKEF, x: Tensor) -> float:
@@ -341,7 +344,8 @@ def train_step(args, method: str, model: DKEF, opt, train: Tensor, step: int,
     alpha = fit_alpha(method, model, train[idx[:half]], g, directions=args.alpha_directions,
                       **kw)
     loss = method_loss(method, model, alpha, train[idx[half:]], g,
-                       n_projections=args.n_projections, **kw)
+                       n_projections=args.n_projections,
+                       fd_dsm_direction=args.fd_dsm_direction, **kw)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -393,7 +397,8 @@ def train_one(args, parser, method: str, seed: int, data: tuple[Tensor, Tensor, 
                               **kw).detach()
         with torch.enable_grad():
             return float(method_loss(method, model, alpha, val, g, create_graph=False,
-                                     n_projections=args.n_projections, **kw).detach())
+                                     n_projections=args.n_projections,
+                                     fd_dsm_direction=args.fd_dsm_direction, **kw).detach())
 
     bar = tqdm(total=max_steps, initial=state["step"], desc=f"{method} s{seed}",
                disable=args.no_progress, dynamic_ncols=True)
@@ -556,7 +561,11 @@ def build_parser():
                    help="fd_ssm, fd_dsm: orthogonal directions per sample in the alpha fit "
                         "(at most d)")
     p.add_argument("--n-projections", type=training.positive_int, default=1,
-                   help="ssm, ssm_vr, fd_ssm, fd_dsm: random directions per sample in the loss")
+                   help="ssm, ssm_vr, fd_ssm, fd_dsm with --fd-dsm-direction random: random "
+                        "directions per sample in the loss")
+    p.add_argument("--fd-dsm-direction", default="residual", choices=("residual", "random"),
+                   help="fd_dsm's loss: finite differences along the DSM residual (DSM's "
+                        "gradient, default) or along random directions (the paper's)")
     p.add_argument("--is-samples", type=training.positive_int, default=10**6,
                    help="importance samples for log Z")
     p.add_argument("--timing-rounds", type=training.nonneg_int, default=30,
@@ -575,6 +584,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.fd_dsm_direction == "residual" and args.n_projections > 1 and "fd_dsm" in args.methods:
+        parser.error("--n-projections applies to fd_dsm only with --fd-dsm-direction random")
     if args.alpha_directions > 11:
         parser.error("--alpha-directions must be at most d = 11")
     if args.batch_size < 4 or args.batch_size % 2:

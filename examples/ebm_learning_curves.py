@@ -48,9 +48,9 @@ if ROOT not in sys.path:
 
 from common import training  # noqa: E402
 
-PAIRS = {"ssm": ("ssm", "fd_ssm"), "dsm": ("dsm", "fd_dsm")}
+PAIRS = {"ssm": ("ssm", "fd_ssm"), "dsm": ("dsm", "fd_dsm", "fd_dsm_residual")}
 LABELS = {"ssm": "SSM (autograd)", "fd_ssm": "FD-SSM", "dsm": "DSM (autograd)",
-          "fd_dsm": "FD-DSM"}
+          "fd_dsm": "FD-DSM (random)", "fd_dsm_residual": "FD-DSM (residual)"}
 
 
 def build_parser():
@@ -66,7 +66,12 @@ def build_parser():
     p.add_argument("--sigma", type=training.positive_float, default=0.1, help="DSM noise")
     p.add_argument("--eps", type=training.positive_float, default=0.1, help="FD step")
     p.add_argument("--pairs", nargs="+", default=["ssm", "dsm"], choices=list(PAIRS),
-                   help="which pairs to train: ssm (SSM, FD-SSM) and/or dsm (DSM, FD-DSM)")
+                   help="which groups to train: ssm (SSM, FD-SSM) and/or dsm (DSM, FD-DSM "
+                        "along random directions, FD-DSM along the residual)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   choices=[m for pair in PAIRS.values() for m in pair],
+                   help="train only these methods of the chosen groups (each method's "
+                        "values do not depend on which others run beside it)")
     p.add_argument("--ssm-sigma", type=training.nonneg_float, default=0.0,
                    help="noise added to the SSM pair's training and held-out images "
                         "(0: clean images, as the benchmark)")
@@ -102,6 +107,11 @@ def flat_from(evals: list[tuple[int, float]], tol: float) -> int | None:
     return None
 
 
+def converged(flat: int | None, evals: list[tuple[int, float]], steps: int) -> bool:
+    """Flat within the first 2/3 of the run, with at least 5 evaluations from there on."""
+    return flat is not None and flat <= 2 * steps / 3 and sum(s >= flat for s, _ in evals) >= 5
+
+
 def plot(path: str, hist: dict, steps: int, pairs: list[tuple[str, str]]) -> None:
     import matplotlib
 
@@ -110,7 +120,7 @@ def plot(path: str, hist: dict, steps: int, pairs: list[tuple[str, str]]) -> Non
 
     fig, axes = plt.subplots(len(pairs), 3, figsize=(15, 4 * len(pairs)), squeeze=False)
     for row, pair in enumerate(pairs):
-        is_dsm = pair == PAIRS["dsm"]
+        is_dsm = pair[0] in PAIRS["dsm"]
         for m in pair:
             h = hist[m]
             it, sm = zip(*h["eval_sm"], strict=True)
@@ -161,7 +171,13 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_x)} images")
     os.makedirs(args.out, exist_ok=True)
     pairs = [PAIRS[p] for p in dict.fromkeys(args.pairs)]
+    if args.methods:
+        pairs = [tuple(m for m in pair if m in args.methods) for pair in pairs]
+        pairs = [pair for pair in pairs if pair]
     methods = tuple(m for pair in pairs for m in pair)
+    if not methods:
+        parser.error(f"--methods {' '.join(args.methods)} names no method of --pairs "
+                     f"{' '.join(args.pairs)}")
     cfg = {"seed": args.seed, "ch": args.width, "head_dim": args.head_dim}
     models = {m: make_model(cfg, train_x.shape[-1], "cpu") for m in methods}  # same init
     opts = {m: torch.optim.Adam(models[m].parameters(), lr=args.lr) for m in methods}
@@ -187,6 +203,10 @@ def main(argv=None):
         if not set(args.pairs) <= set(saved_pairs):
             parser.error(f"--resume: checkpoint holds --pairs {' '.join(saved_pairs)}; this run "
                          f"asks for {' '.join(args.pairs)}")
+        missing = [m for m in methods if m not in state["models"]]
+        if missing:
+            parser.error(f"--resume: checkpoint holds no {', '.join(missing)} (it has "
+                         f"{', '.join(state['models'])}); pass --methods to continue those")
         for m in methods:
             models[m].load_state_dict(state["models"][m])
             opts[m].load_state_dict(state["opts"][m])
@@ -253,14 +273,19 @@ def main(argv=None):
     for m in methods:
         h = hist[m]
         flat = flat_from(h["eval_sm"], args.flat_tol)
+        flat_dsm = flat_from(h["eval_dsm"], args.flat_tol)
         result["methods"][m] = {
             "final_heldout_exact_sm": h["eval_sm"][-1][1],
             "final_heldout_dsm": h["eval_dsm"][-1][1],
             "flat_from_iteration": flat,
-            "converged": flat is not None and flat <= 2 * args.steps / 3
-            and sum(s >= flat for s, _ in h["eval_sm"]) >= 5,
+            "converged": converged(flat, h["eval_sm"], args.steps),
+            "flat_from_iteration_dsm": flat_dsm,
+            "converged_dsm": converged(flat_dsm, h["eval_dsm"], args.steps),
             "ms_per_iteration": 1e3 * h["seconds"] / max(1, len(h["train"])),
             "train_seconds": h["seconds"],
+            # The whole series, so the curves can be re-plotted from this file alone.
+            "curves": {"eval_sm": h["eval_sm"], "eval_dsm": h["eval_dsm"],
+                       "seconds_at": h["seconds_at"]},
         }
     training.save_json(os.path.join(args.out, "metrics.json"), result)
     plot(os.path.join(args.out, "learning_curves.png"), hist, args.steps, pairs)

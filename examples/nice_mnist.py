@@ -147,7 +147,8 @@ class NICE(nn.Module):
 
 # ----------------------------------------------------------------------------- losses
 def method_loss(method: str, flow: NICE, x: Tensor, g: torch.Generator, *, eps: float,
-                sigma: float, n_projections: int = 1) -> Tensor:
+                sigma: float, n_projections: int = 1,
+                fd_dsm_direction: str = "residual") -> Tensor:
     import fdsm_ext
 
     kw = {"output": "log_density", "generator": g}
@@ -162,7 +163,10 @@ def method_loss(method: str, flow: NICE, x: Tensor, g: torch.Generator, *, eps: 
     if method == "dsm":
         return fdsm_ext.dsm_loss(flow.log_prob, x, sigma, **kw)
     if method == "fd_dsm":
-        return fdsm_ext.fd_dsm_loss(flow.log_prob, x, sigma, eps=eps, **sliced)
+        if fd_dsm_direction == "residual":
+            return fdsm_ext.fd_dsm_loss(flow.log_prob, x, sigma, eps=eps, **kw)
+        return fdsm_ext.fd_dsm_loss(flow.log_prob, x, sigma, eps=eps, direction="random",
+                                    **sliced)
     return fdsm_ext.exact_sm_loss(flow.log_prob, x, output="log_density", create_graph=True)
 
 
@@ -206,7 +210,8 @@ def train_step(args, method: str, flow: NICE, opt, train: Tensor, step: int,
 
     def step_loss():
         return method_loss(method, flow, x, g, eps=args.eps, sigma=args.sigma,
-                           n_projections=args.n_projections)
+                           n_projections=args.n_projections,
+                           fd_dsm_direction=args.fd_dsm_direction)
 
     loss, saved = saved_tensor_bytes(step_loss) if count_saved else (step_loss(), None)
     opt.zero_grad(set_to_none=True)
@@ -396,7 +401,11 @@ def build_parser():
                    help="one learning rate for all methods (default: the authors' per method)")
     p.add_argument("--eps", type=training.positive_float, default=0.1)
     p.add_argument("--n-projections", type=training.positive_int, default=1,
-                   help="random directions per sample (SSM, SSM-VR, FD-SSM, FD-DSM)")
+                   help="random directions per sample (SSM, SSM-VR, FD-SSM, and FD-DSM with "
+                        "--fd-dsm-direction random)")
+    p.add_argument("--fd-dsm-direction", default="residual", choices=("residual", "random"),
+                   help="FD-DSM along the DSM residual (DSM's gradient, default) or along "
+                        "random directions (the paper's estimator)")
     p.add_argument("--sigma", type=training.positive_float, default=0.1,
                    help="DSM / FD-DSM noise in the logit space")
     p.add_argument("--sm-subset", type=training.positive_int, default=32,

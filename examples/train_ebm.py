@@ -16,13 +16,14 @@ called with ``output="energy"`` (score = -grad_x E by autograd) through
 ``fdsm_ext.noise_conditional_loss`` (each sample draws a level, sigma_i^2 weighting):
 SSM-type methods (fd_ssm, ssm, ssm_vr, exact) see x + sigma_i z, DSM-type methods (dsm,
 fd_dsm) use sigma_i as their denoising noise (``--n-projections`` sets the number of random
-directions per sample of the sliced methods). Sampling is annealed Langevin dynamics from
-uniform noise (100 steps per level, step 5e-5 * (sigma_i/sigma_min)^2; larger steps drift
-into a few over-weighted modes of this model, e.g. 7-like strokes, and raise MMD^2) with a
-final denoising step. Held-out quality is the exact score-matching
-loss J_SM (MATH.md) at one fixed level (``--sigma``, default 0.1: the nearest level of the
-ladder) on noise-perturbed held-out images: the same units for every method, lower is
-better.
+directions per sample of the sliced methods; ``--fd-dsm-direction`` picks fd_dsm's
+estimator: along the DSM residual, DSM's own gradient, by default, or along random
+directions). Sampling is annealed Langevin dynamics from uniform noise (100 steps per
+level, step 5e-5 * (sigma_i/sigma_min)^2; larger steps drift into a few over-weighted
+modes of this model, e.g. 7-like strokes, and raise MMD^2) with a final denoising step.
+Held-out quality is the exact score-matching loss J_SM (MATH.md) at one fixed level
+(``--sigma``, default 0.1: the nearest level of the ladder) on noise-perturbed held-out
+images: the same units for every method, lower is better.
 
 Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt
 (the one before it: OUT/checkpoint.prev.pt).
@@ -54,7 +55,11 @@ def build_parser():
     p.add_argument("--eps", type=training.positive_float, default=0.1,
                    help="finite-difference step: the norm of the direction v (fd_* methods)")
     p.add_argument("--n-projections", type=training.positive_int, default=1,
-                   help="random directions v per sample (fd_ssm, fd_dsm, ssm, ssm_vr)")
+                   help="random directions v per sample (fd_ssm, ssm, ssm_vr, and fd_dsm "
+                        "with --fd-dsm-direction random)")
+    p.add_argument("--fd-dsm-direction", default="residual", choices=("residual", "random"),
+                   help="fd_dsm: finite differences along the DSM residual (DSM's gradient, "
+                        "default) or along random directions (the paper's estimator)")
     p.add_argument("--sigma-max", type=training.positive_float, default=1.0)
     p.add_argument("--sigma-min", type=training.positive_float, default=0.05)
     p.add_argument("--n-sigmas", type=training.positive_int, default=10)
@@ -77,7 +82,7 @@ def build_parser():
 
 
 def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int = 1,
-              condition: str = "label"):
+              condition: str = "label", fd_dsm_direction: str = "residual"):
     """loss_fn(net, x, generator): sigma_i^2-weighted loss of ``method`` over random levels."""
     import fdsm_ext
 
@@ -97,7 +102,9 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int 
         kw["eps"] = eps
     if method in ("ssm", "ssm_vr"):
         kw.update(method="ssm", variance_reduction=method == "ssm_vr")
-    if method in ("fd_ssm", "fd_dsm", "ssm", "ssm_vr"):
+    if method == "fd_dsm":
+        kw["direction"] = fd_dsm_direction
+    if method in ("fd_ssm", "ssm", "ssm_vr") or kw.get("direction") == "random":
         kw["n_projections"] = n_projections
 
     def loss_fn(net, x, g):
@@ -109,6 +116,9 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int 
 def main(argv=None):
     parser = build_parser()
     args, train_x, test_x = training.parse_and_load(parser, argv)
+    if args.method == "fd_dsm" and args.fd_dsm_direction == "residual" and args.n_projections > 1:
+        parser.error("--n-projections applies to fd_dsm only with --fd-dsm-direction random "
+                     "(the residual direction is one deterministic direction per sample)")
 
     import fdsm_ext
     from fdsm_ext import geometric_sigmas
@@ -139,7 +149,8 @@ def main(argv=None):
 
     history, sec_per_iter = training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,
-        loss_fn=make_loss(args.method, sigmas, args.eps, args.n_projections, args.condition),
+        loss_fn=make_loss(args.method, sigmas, args.eps, args.n_projections, args.condition,
+                          args.fd_dsm_direction),
         eval_fn=eval_fn,
         use_ddp_hooks=args.method not in DOUBLE_BACKWARD)
     max_diff = training.max_param_difference(model, d)
@@ -156,6 +167,7 @@ def main(argv=None):
         eval_key="final_heldout_exact_sm_loss", test_x=test_x, sec_per_iter=sec_per_iter,
         mem=mem, max_diff=max_diff,
         extra={"n_projections": args.n_projections, "eval_sigma": eval_sigma,
+               "fd_dsm_direction": args.fd_dsm_direction if args.method == "fd_dsm" else None,
                "condition": args.condition})
     return 0
 

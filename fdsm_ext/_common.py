@@ -12,6 +12,7 @@ from torch import Tensor
 OUTPUTS = ("auto", "log_density", "energy", "score")
 REDUCTIONS = ("mean", "sum", "none")
 NOISES = ("sphere", "gaussian", "rademacher")
+DSM_DIRECTIONS = ("residual", "random")
 SCALAR = "scalar"
 SCORE = "score"
 
@@ -179,6 +180,8 @@ def model_score(
     Score models are called directly; for scalar models s = sign * grad_x out by autograd
     (with ``create_graph`` so that second derivatives or parameter gradients can follow).
     """
+    if not create_graph and torch.compiler.is_compiling():
+        return _compiled_score(model, x, args, output, fn), x
     x_in = x if x.requires_grad else x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = call_model(model, x_in, args, fn)
@@ -188,6 +191,19 @@ def model_score(
         else:
             score = out
     return score.reshape(x.shape[0], -1), x_in
+
+
+def _compiled_score(
+    model: Callable[..., Tensor], x: Tensor, args: ModelArgs, output: str, fn: str
+) -> Tensor:
+    """model_score without a graph, in a form torch.compile can trace (torch.autograd.grad
+    inside a compiled region breaks the graph; torch.func.vjp does not)."""
+    out, vjp = torch.func.vjp(lambda x_in: call_model(model, x_in, args, fn), x.detach())
+    kind, sign = output_kind(out, x.shape[1:], output, fn)
+    if kind != SCALAR:
+        return out.reshape(x.shape[0], -1)
+    (grad,) = vjp(torch.ones_like(out))
+    return (sign * grad).reshape(x.shape[0], -1)
 
 
 def per_sample_sigma(sigma: float | Tensor, x: Tensor, fn: str) -> Tensor:

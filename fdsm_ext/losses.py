@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _ops as ops
 from ._common import (
+    DSM_DIRECTIONS,
     NOISES,
     SCALAR,
     ModelArgs,
@@ -24,13 +25,19 @@ from ._common import (
     check_positive,
     check_reduction_output,
     check_x,
+    model_score,
     output_kind,
     per_sample_sigma,
     reduce,
     sort_model_args,
 )
 from ._random import NOISE, resolve_seed, standard_normal, stream
-from .precision import guard_directional_derivative, guard_fd_dsm, guard_fd_ssm
+from .precision import (
+    guard_directional_derivative,
+    guard_fd_dsm,
+    guard_fd_dsm_residual,
+    guard_fd_ssm,
+)
 from .stencil import check_order_accuracy, fd_stencil
 
 # Stencil offsets, in units of v: the centre is needed only for scalar models.
@@ -123,37 +130,62 @@ def fd_dsm_loss(
     model_kwargs: Mapping[str, Any] | None = None,
     shared: Sequence[int | str] = (),
     eps: float = 0.1,
+    direction: str = "residual",
     n_projections: int = 1,
     output: str = "auto",
     reduction: str = "mean",
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Finite-difference denoising score matching for scalar models, one model call.
+    """Finite-difference denoising score matching for scalar models.
 
-    x~ = x + sigma z (z ~ N(0, I)), v uniform on the sphere of radius eps; per sample
+    x~ = x + sigma z (z ~ N(0, I)); the DSM residual is a = grad L(x~) + (x~ - x)/sigma^2 and
+    the DSM loss 1/2 ||a||^2. ``direction`` picks the estimator:
 
-        (d/(2 eps^2)) ( 1/2 [L(x~+v) - L(x~-v)] + v^T (x~ - x)/sigma^2 )^2,
+    * ``"residual"`` (default): DSM's own value and gradient, by first-order autograd only.
+      grad_x L(x~) comes from one forward and one input-only backward on B rows (no
+      create_graph, no parameter gradients); with a^ = a/||a|| (a detached) the per-sample loss
 
-    averaged over ``n_projections`` independent directions v for the same x~ (2 P B rows in
-    one call), whose expectation over v is 1/2 ||grad L(x~) + (x~ - x)/sigma^2||^2 + O(eps^2),
-    the DSM loss. One direction gives a noisier estimate than autograd DSM's full gradient
-    (its variance is about that of sliced score matching); more directions reduce it at the
-    cost of model rows. ``sigma``: a number or a per-sample tensor (B,). Score models need no finite
-    differences for DSM: use :func:`fdsm_ext.dsm_loss`. ``output``: "energy" or
-    "log_density" ("auto" refuses per-sample scalars, whose sign it cannot guess).
-    ``model_args``, ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in
-    :func:`fd_ssm_loss` (z and v both follow the seed).
+          1/2 ||a||^2 + D - sg(D),   D = ||a|| (L(x~ + eps a^) - L(x~ - eps a^)) / (2 eps)
 
-    Precision: with a the bracket above and e ~ u*|L| the rounding of the model outputs
-    (u as in :func:`fd_ssm_loss`), the loss loses about u*|L|*sqrt(2 d loss)/eps +
-    d (u*|L|)^2/(2 eps^2) per sample; an :class:`fdsm_ext.FDPrecisionWarning` is raised once
-    per call site when that is over 0.3 of the per-sample loss.
+      has the value 1/2 ||a||^2 exactly and, since d/dtheta 1/2 ||a||^2 = d/dtheta a_sg^T
+      grad L(x~), the parameter gradient of DSM up to O(eps^2) (one model call on 2B rows,
+      one ordinary backward). Gradients reach the model's parameters and tensor model
+      arguments, not x or sigma. The default because it has DSM's per-iteration learning
+      speed, where one random direction learns several times slower (the measurements are
+      on the "choosing an estimator" docs page).
+    * ``"random"``: the paper's estimator, v uniform on the sphere of radius eps; per sample
+
+          (d/(2 eps^2)) ( 1/2 [L(x~+v) - L(x~-v)] + v^T (x~ - x)/sigma^2 )^2,
+
+      averaged over ``n_projections`` directions v for the same x~ (2 P B rows, one call);
+      its expectation over v is the DSM loss + O(eps^2), but its gradient is d (u^T a) J^T u
+      (u = v/eps, J the Jacobian of grad L in theta) instead of J^T a: noise of the order of
+      the gradient itself, which grows with d.
+
+    ``sigma``: a number or a per-sample tensor (B,). Score models need no finite differences
+    for DSM: use :func:`fdsm_ext.dsm_loss`. ``output``: "energy" or "log_density" ("auto"
+    refuses per-sample scalars, whose sign it cannot guess). ``model_args``,
+    ``model_kwargs``, ``shared``, ``seed`` and ``generator`` as in :func:`fd_ssm_loss` (z and
+    v both follow the seed; for the same seed z is that of :func:`fdsm_ext.dsm_loss`).
+
+    Precision (e ~ u*|L| the rounding of a model output, u as in :func:`fd_ssm_loss`):
+    "residual": D carries about ||a|| e / eps, and its parameter gradient 3 to 17 times that
+    relative to |D| (measured);
+    "random": the loss loses about e*sqrt(2 d loss)/eps + d e^2/(2 eps^2) per sample. An
+    :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that is over 0.3
+    of the per-sample value (see :mod:`fdsm_ext.precision`).
     """
     fn = "fd_dsm_loss"
     check_x(x, fn, finite_differences=True)
     check_positive("eps", eps, fn)
+    check_choice("direction", direction, DSM_DIRECTIONS, fn)
     check_int("n_projections", n_projections, 1, fn)
+    if direction == "residual" and n_projections != 1:
+        raise ValueError(
+            f"{fn}: n_projections={n_projections} applies to direction='random' only; "
+            "direction='residual' has one deterministic direction per sample (the residual)"
+        )
     check_reduction_output(output, reduction, fn)
     if output == "score":
         raise ValueError(f"{fn}: output='score' needs no finite differences; use dsm_loss")
@@ -166,25 +198,83 @@ def fd_dsm_loss(
     z = standard_normal(x2, stream(key, NOISE))
     x_tilde = x2 + sigma[:, None] * z
     target = z / sigma[:, None]
-    stacked, v = ops.random_stencil_batch(
-        x_tilde, key, _SCORE_OFFSETS, n_projections, "sphere", float(eps)
-    )
-    out = call_model(
-        model, stacked.reshape(-1, *event_shape), inputs.repeat(2 * n_projections), fn, batch=batch
-    )
+    if direction == "residual":
+        per_sample = _fd_dsm_residual(model, x_tilde, target, event_shape, inputs, output, eps)
+    else:
+        per_sample = _fd_dsm_random(
+            model, x_tilde, target, event_shape, inputs, output, eps, n_projections, key
+        )
+    return reduce(per_sample, reduction)
+
+
+def _scalar_output(out: Tensor, event_shape: torch.Size, output: str, fn: str) -> float:
+    """The sign that turns a scalar model output into a log-density; refuses scores."""
     kind, sign = output_kind(out, event_shape, output, fn)
     if kind != SCALAR:
         raise ValueError(
             f"{fn}: the model returned scores (shape {tuple(out.shape)}); DSM for score models "
             "needs no finite differences: use dsm_loss"
         )
+    return sign
+
+
+def _fd_dsm_residual(
+    model: Callable[..., Tensor],
+    x_tilde: Tensor,
+    target: Tensor,
+    event_shape: torch.Size,
+    inputs: ModelArgs,
+    output: str,
+    eps: float,
+) -> Tensor:
+    """Per-sample 1/2 ||a||^2 + D - sg(D) along the DSM residual a (see fd_dsm_loss)."""
+    fn = "fd_dsm_loss"
+    batch = x_tilde.shape[0]
+    score, _ = model_score(
+        model, x_tilde.detach().reshape(-1, *event_shape), inputs, output, fn, create_graph=False
+    )
+    residual = score.detach() + target
+    norm = residual.norm(dim=1)
+    # A zero residual (the model's score is exact here) has no direction: D is then 0.
+    unit = residual / torch.where(norm > 0, norm, 1.0)[:, None]
+    stacked = ops.stencil_batch(x_tilde.detach(), eps * unit, list(_SCORE_OFFSETS))
+    f = call_model(model, stacked.reshape(-1, *event_shape), inputs.repeat(2), fn, batch=batch)
+    sign = _scalar_output(f, event_shape, output, fn)
+    f = sign * f.reshape(2, batch)
+    slope = norm * (f[0] - f[1]) / (2 * eps)
+    guard_fd_dsm_residual(fn, f, norm, slope, float(eps))
+    return 0.5 * norm**2 + (slope - slope.detach())
+
+
+def _fd_dsm_random(
+    model: Callable[..., Tensor],
+    x_tilde: Tensor,
+    target: Tensor,
+    event_shape: torch.Size,
+    inputs: ModelArgs,
+    output: str,
+    eps: float,
+    n_projections: int,
+    key: Tensor,
+) -> Tensor:
+    """Per-sample paper FD-DSM, averaged over n_projections sphere directions."""
+    fn = "fd_dsm_loss"
+    batch = x_tilde.shape[0]
+    stacked, v = ops.random_stencil_batch(
+        x_tilde, key, _SCORE_OFFSETS, n_projections, "sphere", float(eps)
+    )
+    out = call_model(
+        model, stacked.reshape(-1, *event_shape), inputs.repeat(2 * n_projections), fn,
+        batch=batch,
+    )
+    sign = _scalar_output(out, event_shape, output, fn)
     scale = x_tilde.shape[1] / (2 * eps**2)
     # Rows of v are projection-major (p B + b), so the targets tile the same way (a view for
     # one projection, a copy only for several).
     targets = target.expand(n_projections, *target.shape).reshape(-1, target.shape[1])
     per_row = ops.fd_dsm_scalar(out.reshape(-1), v, targets, scale, sign)
     guard_fd_dsm(fn, out, per_row, x_tilde.shape[1], float(eps))
-    return reduce(per_row.reshape(n_projections, batch).mean(0), reduction)
+    return per_row.reshape(n_projections, batch).mean(0)
 
 
 def fd_directional_derivative(

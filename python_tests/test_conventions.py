@@ -179,8 +179,10 @@ def test_a_seed_instead_of_a_generator_is_a_clear_type_error(call, fn):
          "returned 191 rows (shape (191,)) for 192 input rows = 3 stacked copies x batch 64"),
         (lambda m, x: fd_ssm_loss(m, x, output="energy", n_projections=2),
          "returned 319 rows (shape (319,)) for 320 input rows = 5 stacked copies x batch 64"),
-        (lambda m, x: fd_dsm_loss(m, x, 0.1, output="energy"),
+        (lambda m, x: fd_dsm_loss(m, x, 0.1, output="energy", direction="random"),
          "returned 127 rows (shape (127,)) for 128 input rows = 2 stacked copies x batch 64"),
+        (lambda m, x: fd_dsm_loss(m, x, 0.1, output="energy"),
+         "returned 63 rows (shape (63,)) for 64 input rows"),
     ],
 )
 def test_shape_errors_explain_the_row_count(call, match):

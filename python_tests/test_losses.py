@@ -145,7 +145,8 @@ def test_fd_dsm_quadratic_closed_form(energy, per_sample_sigma, n_projections):
     sigma = torch.linspace(0.1, 0.5, batch, dtype=torch.float64) if per_sample_sigma else 0.3
     model = (lambda y: -quad(y)) if energy else quad
     loss = fd_dsm_loss(model, x, sigma, eps=eps, output="energy" if energy else "log_density",
-                       n_projections=n_projections, reduction="none", seed=5)
+                       direction="random", n_projections=n_projections, reduction="none",
+                       seed=5)
     z = philox_normal(5, batch, d)
     sig = torch.as_tensor(sigma, dtype=x.dtype).expand(batch)[:, None]
     x_tilde = x + sig * z
@@ -161,8 +162,8 @@ def test_fd_dsm_many_projections_approach_dsm():
     d, batch, sigma, p = 6, 4, 0.3, 2000
     quad = QuadraticLogDensity(d)
     x = torch.randn(batch, d, dtype=torch.float64)
-    loss = fd_dsm_loss(quad, x, sigma, n_projections=p, output="log_density",
-                       reduction="none", seed=9)
+    loss = fd_dsm_loss(quad, x, sigma, direction="random", n_projections=p,
+                       output="log_density", reduction="none", seed=9)
     z = philox_normal(9, batch, d)
     x_tilde = x + sigma * z
     dsm = 0.5 * (quad.score(x_tilde) + z / sigma).pow(2).sum(1)
@@ -174,8 +175,9 @@ def test_fd_dsm_many_projections_approach_dsm():
     [
         (lambda m, x: fd_ssm_loss(m, x, output="log_density"), 3),
         (lambda m, x: fd_ssm_loss(m, x, n_projections=4, output="energy"), 9),
-        (lambda m, x: fd_dsm_loss(m, x, 0.1, output="log_density"), 2),
-        (lambda m, x: fd_dsm_loss(m, x, 0.1, n_projections=3, output="energy"), 6),
+        (lambda m, x: fd_dsm_loss(m, x, 0.1, direction="random", output="log_density"), 2),
+        (lambda m, x: fd_dsm_loss(m, x, 0.1, direction="random", n_projections=3,
+                                  output="energy"), 6),
     ],
 )
 def test_scalar_model_called_once_on_stacked_batch(call, rows_per_sample):

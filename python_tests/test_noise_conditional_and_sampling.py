@@ -55,19 +55,20 @@ def test_noise_conditional_loss_weights_each_sample_by_sigma_squared(method):
     assert all(torch.equal(args[0], labels.repeat(len(args[0]) // 6)) for args in model.args)
 
 
-@pytest.mark.parametrize("n_projections", [1, 3])
-def test_noise_conditional_fd_dsm_for_scalar_models(n_projections):
+@pytest.mark.parametrize("direction, n_projections", [("residual", 1), ("random", 1),
+                                                      ("random", 3)])
+def test_noise_conditional_fd_dsm_for_scalar_models(direction, n_projections):
     quad = QuadraticLogDensity(2)
     x = torch.randn(4, 2, dtype=torch.float64)
     labels = torch.tensor([0, 2, 4, 9])
     loss = noise_conditional_loss(lambda y, lab: quad(y), x, SIGMAS, method="fd_dsm",
                                   labels=labels, generator=torch.Generator().manual_seed(1),
                                   reduction="none", output="log_density",
-                                  n_projections=n_projections)
+                                  direction=direction, n_projections=n_projections)
     sig = SIGMAS.double()[labels]
     expected = fd_dsm_loss(lambda y, lab: quad(y), x, sig, labels, reduction="none",
                            output="log_density", generator=torch.Generator().manual_seed(1),
-                           n_projections=n_projections)
+                           direction=direction, n_projections=n_projections)
     torch.testing.assert_close(loss, sig**2 * expected)
 
 
