@@ -315,6 +315,20 @@ def measure(
 # Machine description, formatting, targets, reports.
 
 
+def git_commit() -> str:
+    """HEAD of the repository, with "+dirty" when tracked files differ from it."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode:
+        return "unknown"
+    dirty = git("diff", "--quiet", "HEAD").returncode != 0
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def machine_info(device: str, threads: int | None = None) -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -344,6 +358,7 @@ def machine_info(device: str, threads: int | None = None) -> dict:
         ext_sha = "unavailable"
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
         "examples_models_py_sha256": models_sha,
         "fdsm_ext_C_sha256": ext_sha,
         "cpu": cpu,

@@ -132,9 +132,14 @@ def batch_scores(energy, name, images, args, size, g) -> torch.Tensor:
     return e.view(args.batches, args.m).mean(1)
 
 
+def algorithm(method: str, direction: str | None) -> str:
+    """The timing key of a run: dsm, fd_dsm (random directions) or fd_dsm_residual."""
+    return "fd_dsm_residual" if method == "fd_dsm" and direction == "residual" else method
+
+
 def interleaved_ms(model, sigmas, train_x, args, n_projections: int = 1) -> dict:
-    """Median ms of one DSM and one FD-DSM training step (``n_projections`` directions per
-    sample), interleaved, same batch and model."""
+    """Median ms of one DSM, one FD-DSM (random, ``n_projections`` directions per sample) and
+    one FD-DSM (residual) training step, interleaved, same batch and model."""
     import copy
     import time
 
@@ -142,11 +147,13 @@ def interleaved_ms(model, sigmas, train_x, args, n_projections: int = 1) -> dict
 
     x = train_x[:args.time_batch_size]
     steps = {}
-    for method in ("dsm", "fd_dsm"):
+    for key, method, direction in (("dsm", "dsm", None), ("fd_dsm", "fd_dsm", "random"),
+                                   ("fd_dsm_residual", "fd_dsm", "residual")):
         net = copy.deepcopy(model).train()
         opt = torch.optim.Adam(net.parameters(), lr=1e-6)
-        loss_fn = train_ebm.make_loss(method, sigmas, 0.1, n_projections)
-        steps[method] = (net, opt, loss_fn)
+        loss_fn = train_ebm.make_loss(method, sigmas, 0.1, n_projections,
+                                      fd_dsm_direction=direction or "residual")
+        steps[key] = (net, opt, loss_fn)
     times = {m: [] for m in steps}
     for r in range(args.time_rounds + 1):  # round 0: warm-up
         for m, (net, opt, loss_fn) in steps.items():
@@ -195,8 +202,10 @@ def evaluate_run(parser, folder, args, bar) -> dict:
         bar.update(1)
     n_proj = a.get("n_projections", 1)
     timing = interleaved_ms(model, sigmas, train_x, args, n_proj) if args.time_rounds else {}
+    # Runs from before the residual estimator existed have no fd_dsm_direction: random.
+    direction = a.get("fd_dsm_direction", "random") if a["method"] == "fd_dsm" else None
     return {"run": folder, "dataset": a["dataset"], "method": a["method"],
-            "n_projections": n_proj,
+            "fd_dsm_direction": direction, "n_projections": n_proj,
             "trained_steps": a["trained_steps"], "width": a["width"],
             "batch_size": a["batch_size"], "energy_sigma": float(sigmas[level]),
             "train_ms_per_iter": 1e3 * metrics["seconds_per_iteration"]
@@ -213,9 +222,10 @@ def table(rows: list[dict]) -> str:
             "ms / iter (interleaved here)", *TEST_SETS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        t = r["interleaved_ms_per_iter"].get(r["method"])
-        algo = r["method"] + (f" ({r['n_projections']} directions)"
-                              if r.get("n_projections", 1) > 1 else "")
+        key = algorithm(r["method"], r.get("fd_dsm_direction"))
+        t = r["interleaved_ms_per_iter"].get(key)
+        algo = r["method"] + (f" ({r['fd_dsm_direction']})" if r.get("fd_dsm_direction") else "")
+        algo += (f" ({r['n_projections']} directions)" if r.get("n_projections", 1) > 1 else "")
         cells = [r["dataset"], algo, str(r["trained_steps"]),
                  fmt(r["train_ms_per_iter"], "{:.0f}"), fmt(t, "{:.0f}")]
         cells += [(f"**{fmt(r['auroc'][n])}**" if n == r["dataset"] else fmt(r["auroc"][n]))

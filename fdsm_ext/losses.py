@@ -171,7 +171,7 @@ def fd_dsm_loss(
 
     Precision (e ~ u*|L| the rounding of a model output, u as in :func:`fd_ssm_loss`):
     "residual": D carries about ||a|| e / eps, and its parameter gradient 3 to 17 times that
-    relative to |D| (measured);
+    relative to abs(D) (measured);
     "random": the loss loses about e*sqrt(2 d loss)/eps + d e^2/(2 eps^2) per sample. An
     :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that is over 0.3
     of the per-sample value (see :mod:`fdsm_ext.precision`).

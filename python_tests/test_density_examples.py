@@ -236,16 +236,33 @@ def test_nice_method_loss_passes_n_projections(nice, method, fn):
     flow = nice.NICE(6, hidden=5, depth=3).double()
     x = torch.randn(4, 6, dtype=torch.float64)
     got = nice.method_loss(method, flow, x, torch.Generator().manual_seed(3), eps=0.1,
-                           sigma=0.2, n_projections=3)
+                           sigma=0.2, n_projections=3, fd_dsm_direction="random")
     args = (0.2,) if method == "fd_dsm" else ()
     extra = {} if method == "ssm" else {"eps": 0.1}
+    if method == "fd_dsm":
+        extra["direction"] = "random"
     want = getattr(fdsm_ext, fn)(flow.log_prob, x, *args, output="log_density",
                                  generator=torch.Generator().manual_seed(3), n_projections=3,
                                  **extra)
     torch.testing.assert_close(got, want)
     one = nice.method_loss(method, flow, x, torch.Generator().manual_seed(3), eps=0.1,
-                           sigma=0.2, n_projections=1)
+                           sigma=0.2, n_projections=1, fd_dsm_direction="random")
     assert not torch.allclose(got, one)
+
+
+def test_nice_fd_dsm_residual_is_the_library_loss_with_dsm_value(nice):
+    import fdsm_ext
+
+    torch.manual_seed(0)
+    flow = nice.NICE(6, hidden=5, depth=3).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    got = nice.method_loss("fd_dsm", flow, x, torch.Generator().manual_seed(3), eps=0.1,
+                           sigma=0.2)
+    dsm = nice.method_loss("dsm", flow, x, torch.Generator().manual_seed(3), eps=0.1, sigma=0.2)
+    torch.testing.assert_close(got, dsm.detach(), rtol=1e-12, atol=0)
+    want = fdsm_ext.fd_dsm_loss(flow.log_prob, x, 0.2, eps=0.1, output="log_density",
+                                generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_nice_smoke(tmp_path):

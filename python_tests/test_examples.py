@@ -206,8 +206,10 @@ def test_resume_rejects_other_settings(tmp_path):
 
 # --------------------------------------------------------------------------- torchrun / DDP
 @pytest.mark.parametrize("script,method,tiny", [(EBM, "fd_ssm", TINY_EBM),
+                                                (EBM, "fd_dsm", TINY_EBM),
                                                 (NCSN, "ssm_vr", TINY_NCSN)],
-                         ids=["ebm-fd_ssm-ddp", "ncsn-ssm_vr-manual-allreduce"])
+                         ids=["ebm-fd_ssm-ddp", "ebm-fd_dsm-residual-ddp-two-model-calls",
+                              "ncsn-ssm_vr-manual-allreduce"])
 def test_torchrun_two_processes_stay_in_sync(tmp_path, script, method, tiny):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -128,9 +128,11 @@ def test_ood_smoke(tmp_path, monkeypatch, condition):
     monkeypatch.setenv("FDSM_CLASSIFIER_CACHE", str(tmp_path / "clf"))
     monkeypatch.setenv("FDSM_CLASSIFIER_STEPS", "100")  # a quick, weaker classifier
     run_dir = str(tmp_path / "ebm")
-    n_proj = 1 if condition == "label" else 2  # the sigma run also has 2 directions per sample
+    # The label run: FD-DSM along the residual; the sigma run: 2 random directions per sample.
+    n_proj, direction = (1, "residual") if condition == "label" else (2, "random")
     run(EBM, "--dataset", "mnist5k", "--method", "fd_dsm", "--steps", "2", "--out", run_dir,
-        "--condition", condition, "--n-projections", str(n_proj), *TINY_EBM, timeout=900)
+        "--condition", condition, "--n-projections", str(n_proj), "--fd-dsm-direction",
+        direction, *TINY_EBM, timeout=900)
     m = json.load(open(os.path.join(run_dir, "metrics.json")))
     for k in ("frechet_distance", "label_entropy_per_sample", "label_entropy_of_mean"):
         assert {f"{k}_{s}" for s in ("samples", "heldout", "init_noise")} <= set(m)
@@ -144,11 +146,11 @@ def test_ood_smoke(tmp_path, monkeypatch, condition):
     res = json.load(open(os.path.join(out, "metrics.json")))
     row = res["rows"][0]
     assert row["dataset"] == "mnist5k" and row["method"] == "fd_dsm"
-    assert row["n_projections"] == n_proj
+    assert row["n_projections"] == n_proj and row["fd_dsm_direction"] == direction
     assert set(row["auroc"]) == {"fashion_mnist", "mnist5k", "digits28", "uniform", "gaussian"}
     assert all(0.0 <= v <= 1.0 for v in row["auroc"].values())
-    assert set(row["interleaved_ms_per_iter"]) == {"dsm", "fd_dsm"}
-    algo = "fd_dsm" if n_proj == 1 else "fd_dsm (2 directions)"
+    assert set(row["interleaved_ms_per_iter"]) == {"dsm", "fd_dsm", "fd_dsm_residual"}
+    algo = "fd_dsm (residual)" if n_proj == 1 else "fd_dsm (random) (2 directions)"
     assert f"| mnist5k | {algo} |" in open(os.path.join(out, "ood_table.md")).read()
 
 
