@@ -174,8 +174,10 @@ def fmt(v, digits: int = 3) -> str:
         return "yes" if v else "no"
     if isinstance(v, int):
         return str(v)
-    if v != 0 and (abs(v) >= 10**digits or abs(v) < 10 ** -(digits - 1)):
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
         return f"{v:.{digits - 1}e}"
+    if abs(v) >= 10 ** (digits - 1):
+        return f"{v:.0f}"
     return f"{v:.{digits}g}"
 
 
