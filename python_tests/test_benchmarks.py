@@ -13,9 +13,10 @@ from benchmarks import run as bench_run  # noqa: E402
 
 EXPECTED_ROWS = {
     "dimension": ["exact SM (Hessian trace)", "| SSM |", "SSM-VR", "DSM", "FD-SSM", "FD-DSM"],
-    "deep_ebm": ["| DSM |", "| FD-DSM |", "FD-DSM (sequential evaluations)", "| SSM |",
+    "deep_ebm": ["| DSM |", "| FD-DSM (random) |", "FD-DSM (random, sequential evaluations)",
+                 "| FD-DSM (residual) |", "| FD-DSM (residual, one-sided) |", "| SSM |",
                  "SSM-VR", "| FD-SSM |", "FD-SSM (sequential evaluations)",
-                 "model alone, 3B rows", "FD-SSM, eps=0.1"],
+                 "model alone, 3B rows", "FD-SSM, eps=0.1", "FD-DSM gradients against DSM's"],
     "order": ["| 1 |", "| 2 |", "| 3 |"],
     "compile": ["FD-SSM, eager", "FD-SSM, torch.compile(fullgraph=True)", "SSM, eager",
                 "SSM, torch.compile(fullgraph=True)"],
@@ -72,6 +73,6 @@ def test_converged_gap_from_a_learning_curve_run():
     gap, note = deep_ebm._curve_gap({"dsm": run}, "dsm")
     assert gap == pytest.approx(0.1)
     assert note == ("9000 iterations, DSM flat from 2500, "
-                    "FD-DSM flat from 7000 (not converged)")
+                    "FD-DSM (random) flat from 7000 (not converged)")
     gap, note = deep_ebm._curve_gap({}, "ssm")
     assert gap != gap and "missing" in note

@@ -201,7 +201,7 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
     run(CURVES, "--steps", "2", "--out", part, *TINY_CURVES)
     run(CURVES, "--steps", "4", "--out", part, "--resume", *TINY_CURVES)
     m = json.load(open(os.path.join(full, "metrics.json")))
-    assert set(m["methods"]) == {"ssm", "fd_ssm", "dsm", "fd_dsm"}
+    assert set(m["methods"]) == {"ssm", "fd_ssm", "dsm", "fd_dsm", "fd_dsm_residual"}
     for r in m["methods"].values():
         assert np.isfinite(r["final_heldout_exact_sm"]) and np.isfinite(r["final_heldout_dsm"])
         assert r["ms_per_iteration"] > 0
@@ -217,16 +217,24 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
     run(CURVES, "--steps", "6", "--out", part, "--resume", "--pairs", "dsm", *TINY_CURVES)
     c = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=False)
     d = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
-    assert set(d["models"]) == {"dsm", "fd_dsm"}
+    assert set(d["models"]) == {"dsm", "fd_dsm", "fd_dsm_residual"}
     for meth in d["models"]:
         for k, v in c["models"][meth].items():
             assert torch.equal(v, d["models"][meth][k]), (meth, k)
         assert c["hist"][meth]["eval_sm"] == d["hist"][meth]["eval_sm"]
     bad = run(CURVES, "--steps", "8", "--out", part, "--resume", *TINY_CURVES, check=False)
     assert bad.returncode == 2 and "holds --pairs dsm" in bad.stderr
-    # The four models start identical (same init): the held-out SM at step 0 agrees.
+    # The five models start identical (same init): the held-out SM at step 0 agrees.
     first = {meth: a["hist"][meth]["eval_sm"][0][1] for meth in a["hist"]}
     assert len(set(first.values())) == 1
+    # --methods continues some of them alone, with the values of the full run; the metrics
+    # keep the whole curves.
+    run(CURVES, "--steps", "6", "--out", part, "--resume", "--pairs", "dsm", "--methods",
+        "fd_dsm_residual", *TINY_CURVES)
+    e = json.load(open(os.path.join(part, "metrics.json")))["methods"]
+    assert set(e) == {"fd_dsm_residual"}
+    assert e["fd_dsm_residual"]["curves"]["eval_sm"] == [list(v) for v in
+                                                          c["hist"]["fd_dsm_residual"]["eval_sm"]]
 
 
 def test_learning_curves_noisy_ssm_pair_alone(tmp_path):
