@@ -170,11 +170,12 @@ def fd_dsm_loss(
     v both follow the seed; for the same seed z is that of :func:`fdsm_ext.dsm_loss`).
 
     Precision (e ~ u*|L| the rounding of a model output, u as in :func:`fd_ssm_loss`):
-    "residual": D carries about ||a|| e / eps, and its parameter gradient 3 to 17 times that
-    relative to abs(D) (measured);
-    "random": the loss loses about e*sqrt(2 d loss)/eps + d e^2/(2 eps^2) per sample. An
-    :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that is over 0.3
-    of the per-sample value (see :mod:`fdsm_ext.precision`).
+    "residual": D carries about ||a|| e / eps, and its parameter gradient several times more
+    relative to abs(D); "random": the loss loses about e*sqrt(2 d loss)/eps + d e^2/(2 eps^2)
+    per sample. An :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when
+    that is over 0.3 of the per-sample value (see :mod:`fdsm_ext.precision`). Truncation
+    grows like (eps/sigma)^2 (the smoothed density curves on the scale of sigma): keep eps
+    below the smallest sigma, and large enough for the rounding.
     """
     fn = "fd_dsm_loss"
     check_x(x, fn, finite_differences=True)
