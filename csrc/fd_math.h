@@ -1,9 +1,10 @@
 #pragma once
 
-// Per-sample finite-difference formulas (MATH.md) and their derivatives, shared verbatim by
-// the CPU and CUDA kernels. Everything is templated on the accumulation type `acc_t`
-// (float for half/bfloat16/float inputs, double for double): FD combinations cancel
-// leading digits, so they are never evaluated in 16-bit types.
+// Per-sample finite-difference formulas and their derivatives, shared verbatim by the CPU
+// and CUDA kernels (derived in docs/math.rst, sections "FD-SSM for scalar models", "FD-SSM
+// for score models" and "FD-DSM with random directions"). Everything is templated on the
+// accumulation type `acc_t` (float for half/bfloat16/float inputs, double for double): FD
+// combinations cancel leading digits, so they are never evaluated in 16-bit types.
 
 #include "macros.h"
 

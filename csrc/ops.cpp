@@ -12,7 +12,9 @@ TORCH_LIBRARY(fdsm, m) {
   m.def(
       "stencil_batch_backward(Tensor grad, float[] offsets, int n_projections, "
       "bool compute_grad_v) -> (Tensor, Tensor)");
-  // Test hook (CPU only): the unscaled directions of rows first_row .. first_row + rows - 1.
+  // TEST-ONLY (CPU only), not part of the API and without a Python wrapper in fdsm_ext: the
+  // unscaled directions of rows first_row .. first_row + rows - 1, checked by
+  // python_tests/test_ops.py against fdsm_ext.reference._philox_directions.
   m.def("philox_directions(Tensor seed, int first_row, int rows, int d, str noise) -> Tensor");
   m.def("fd_combine(Tensor y, float[] weights) -> Tensor");
   m.def("fd_combine_backward(Tensor grad, float[] weights) -> Tensor");

@@ -3,7 +3,7 @@
 // Counter-based RNG (Random123 Philox4x32-10). Element i of row r is a pure function of
 // (seed, r, i), so CPU threads and CUDA threads draw identical directions with no shared
 // state and no host synchronisation. The recipe is the one of
-// fdsm_ext.reference.philox_directions, which is the test oracle.
+// fdsm_ext.reference._philox_directions, which is the test oracle.
 
 #include <cmath>
 #include <cstdint>
@@ -70,7 +70,7 @@ FDSM_HOST_DEVICE inline float rademacher_from_word(uint32_t word) {
 // ---------------------------------------------------------------------------------------
 // Float32 math of Box-Muller, written out once so that g++ (CPU, auto-vectorised) and nvcc
 // (CUDA) evaluate literally the same operations in the same order, and so that the oracle
-// fdsm_ext.reference.philox_directions can replay them with float32 torch ops. Branch-free:
+// fdsm_ext.reference._philox_directions can replay them with float32 torch ops. Branch-free:
 // integer bit tricks, polynomials and selects only. On the device the products and sums are
 // spelled __fmul_rn/__fadd_rn so that nvcc does not contract them into FMAs (baseline x86-64
 // has no FMA, so g++ rounds every operation too): CPU and GPU give bit-identical values.

@@ -14,7 +14,12 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "myst_parser",
 ]
+
+# Pages are reStructuredText or Markdown (myst-parser); headings get anchors for links.
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+myst_heading_anchors = 3
 
 # api.rst documents `automodule:: fdsm_ext` with :members:, which follows fdsm_ext.__all__:
 # names added there appear in the reference without editing any page.
@@ -22,7 +27,7 @@ autodoc_member_order = "groupwise"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
-# Only the .rst pages are sources; the README pictures and the tutorial's outputs live here too.
+# Pictures and results files live beside the pages; only pages are sources.
 exclude_patterns = ["_build"]
 
 html_theme = "furo"

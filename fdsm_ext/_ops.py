@@ -371,6 +371,6 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     if generator is not None:
         return _randint_key(generator.device, generator).to(device)
     if not torch.compiler.is_compiling():
-        # Eager: the op's body itself, the same draw without the op's dispatch (~30 us).
+        # Eager: the op's body itself, the same draw without the cost of the op's dispatch.
         return _randint_key(torch.device(device))
     return _draw_seed_default(torch.device(device))

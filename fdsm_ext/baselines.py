@@ -3,7 +3,8 @@
 They are the best plain-autograd forms, for comparison with the FD losses: projections are
 batched into one model call, and scalar models are differentiated twice (double backward).
 ``output``: "energy" or "log_density" for per-sample scalar models, "score" for score models;
-"auto" accepts score models only (it cannot guess the sign of a scalar).
+"auto" accepts score models only (it cannot guess the sign of a scalar). The objectives:
+docs/math.rst, :ref:`section "Score-matching objectives" <math-objectives>`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ._common import (
     sort_model_args,
 )
 from ._random import NOISE, rademacher, resolve_seed, standard_normal, stream
+
+__all__ = ["dsm_loss", "exact_sm_loss", "ssm_loss"]
 
 
 def ssm_loss(

@@ -2,7 +2,8 @@
 
 Every loss is in the units of the exact score-matching objective
 J_SM = E[1/2 ||grad log p||^2 + tr(Hess log p)], so its expectation over the random
-directions equals J_SM up to O(eps^2) (see MATH.md).
+directions equals J_SM up to O(eps^2). Derivations: docs/math.rst,
+:ref:`section "FD-SSM" <math-fd-ssm>` and :ref:`section "FD-DSM" <math-fd-dsm>`.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from ._common import (
     reduce,
     sort_model_args,
 )
-from ._random import NOISE, resolve_seed, standard_normal, stream
-from .precision import (
+from ._guard import (
     guard_directional_derivative,
     guard_fd_dsm,
     guard_fd_dsm_residual,
     guard_fd_ssm,
 )
+from ._random import NOISE, resolve_seed, standard_normal, stream
 from .stencil import check_order_accuracy, fd_stencil
+
+__all__ = ["fd_directional_derivative", "fd_dsm_loss", "fd_ssm_loss"]
 
 # Stencil offsets, in units of v: the centre is needed only for scalar models.
 _SCALAR_OFFSETS = (0.0, 1.0, -1.0)
@@ -84,14 +87,15 @@ def fd_ssm_loss(
     or ``generator`` (eager only) fixes the random draws; by default they come from torch's
     default generator, the same in eager and compiled code.
 
-    Precision: rounding of the model output adds noise of about u*|L|*d/eps^2 per sample
-    (scalar models) or u*||s||*sqrt(d)/eps (score models), u the unit round-off of the
-    output dtype or of an enabled autocast dtype; an :class:`fdsm_ext.FDPrecisionWarning`
-    is raised once per call site when that is over 0.3 of the typical per-sample loss.
-    Measured (8-d energy MLP, energies 70-86): float32 is accurate for eps 0.01 to 0.3; under
-    bfloat16 autocast eps 0.1 is off by 35% (std x18), and what works is a float32 last
-    layer with eps >= 0.3, or eps near 1. See :mod:`fdsm_ext.precision` and
-    :func:`fdsm_ext.suggest_eps`.
+    Error: truncation O(eps^2) in expectation over the directions (docs/math.rst,
+    :ref:`section "FD-SSM" <math-fd-ssm>`) plus rounding: the model output's rounding adds noise of
+    about u*|L|*d/eps^2 per sample (scalar models) or u*||s||*sqrt(d)/eps (score models),
+    u the unit round-off of the output dtype or of an enabled autocast dtype, so eps must
+    not be too small, and half-precision outputs need a larger eps or a float32 last layer.
+    An :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that noise is
+    over 0.3 of the typical per-sample loss. See :mod:`fdsm_ext.precision` and
+    :func:`fdsm_ext.suggest_eps`; measured errors by dtype and eps:
+    :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst).
     """
     fn = "fd_ssm_loss"
     check_x(x, fn, finite_differences=True)
@@ -151,9 +155,11 @@ def fd_dsm_loss(
       has the value 1/2 ||a||^2 exactly and, since d/dtheta 1/2 ||a||^2 = d/dtheta a_sg^T
       grad L(x~), the parameter gradient of DSM up to O(eps^2) (one model call on 2B rows,
       one ordinary backward). Gradients reach the model's parameters and tensor model
-      arguments, not x or sigma. The default because it has DSM's per-iteration learning
-      speed, where one random direction learns several times slower (the measurements are
-      on the "choosing an estimator" docs page).
+      arguments, not x or sigma. The default because it follows DSM's gradient, where one
+      random direction adds slicing noise of the order of the gradient itself (derivation:
+      docs/math.rst, :ref:`section "FD-DSM along the residual" <math-fd-dsm-residual>`;
+      measured learning speed: :doc:`choosing an estimator </guides/choosing_an_estimator>`
+      (docs/guides/choosing_an_estimator.rst)).
     * ``"random"``: the paper's estimator, v uniform on the sphere of radius eps; per sample
 
           (d/(2 eps^2)) ( 1/2 [L(x~+v) - L(x~-v)] + v^T (x~ - x)/sigma^2 )^2,
@@ -161,7 +167,8 @@ def fd_dsm_loss(
       averaged over ``n_projections`` directions v for the same x~ (2 P B rows, one call);
       its expectation over v is the DSM loss + O(eps^2), but its gradient is d (u^T a) J^T u
       (u = v/eps, J the Jacobian of grad L in theta) instead of J^T a: noise of the order of
-      the gradient itself, which grows with d.
+      the gradient itself, which grows with d (docs/math.rst,
+      :ref:`section "FD-DSM with random directions" <math-fd-dsm-random>`).
 
     ``sigma``: a number or a per-sample tensor (B,). Score models need no finite differences
     for DSM: use :func:`fdsm_ext.dsm_loss`. ``output``: "energy" or "log_density" ("auto"
@@ -170,12 +177,15 @@ def fd_dsm_loss(
     v both follow the seed; for the same seed z is that of :func:`fdsm_ext.dsm_loss`).
 
     Precision (e ~ u*|L| the rounding of a model output, u as in :func:`fd_ssm_loss`):
-    "residual": D carries about ||a|| e / eps, and its parameter gradient several times more
-    relative to abs(D); "random": the loss loses about e*sqrt(2 d loss)/eps + d e^2/(2 eps^2)
-    per sample. An :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when
-    that is over 0.3 of the per-sample value (see :mod:`fdsm_ext.precision`). Truncation
-    grows like (eps/sigma)^2 (the smoothed density curves on the scale of sigma): keep eps
-    below the smallest sigma, and large enough for the rounding.
+    "residual": D carries about ||a|| e / eps, and its parameter gradient more, relative to
+    abs(D) (the guard charges ``RESIDUAL_GRADIENT_FACTOR`` = 10 times the former);
+    "random": the loss loses about e*sqrt(2 d loss)/eps + d e^2/(2 eps^2) per sample. An
+    :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that is over 0.3
+    of the per-sample value (see :mod:`fdsm_ext.precision`). Truncation grows like
+    (eps/sigma)^2 (the smoothed density curves on the scale of sigma): keep eps below the
+    smallest sigma, and large enough for the rounding. Measured errors:
+    :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst) and
+    :doc:`the FD-DSM results </results/fd_dsm>` (docs/results/fd_dsm.rst).
     """
     fn = "fd_dsm_loss"
     check_x(x, fn, finite_differences=True)
@@ -290,11 +300,12 @@ def fd_directional_derivative(
     Error: truncation O(||v||^(order + accuracy)) (relative: O(||v||^accuracy)) PLUS
     rounding: each f value carries about u*|f| (u the unit round-off of f's output dtype, or
     of an enabled autocast dtype), so the result carries about u*sqrt(sum beta_k^2)*|f|, a
-    relative error ``~ u*|f| / (||v||^order * |f^(order)|)`` that GROWS as ||v|| shrinks. In
-    float32 (u = 6e-8) at order 3 it was 2.8% at ||v|| = 0.1 and 26 (2600%) at
-    ||v|| = 0.01 for an 8-d MLP energy (benchmarks/results/precision.md). An
+    relative error ``~ u*|f| / (||v||^order * |f^(order)|)`` that GROWS as ||v|| shrinks,
+    the faster the higher the order (the stencils: docs/math.rst,
+    :ref:`section "General order-T stencils" <math-stencils>`). An
     :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that estimate
-    exceeds 0.3 of the mean absolute result.
+    exceeds 0.3 of the mean absolute result. Measured errors:
+    :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst).
     """
     fn = "fd_directional_derivative"
     check_x(x, fn, finite_differences=True)

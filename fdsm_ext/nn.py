@@ -49,6 +49,7 @@ class _FunctionalLoss(nn.Module):
         self.options = options
 
     def forward(self, model: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The loss of ``model`` on ``x``; ``kwargs`` override the stored options."""
         return type(self).function(model, x, *args, **{**self.options, **kwargs})
 
     def extra_repr(self) -> str:
@@ -98,4 +99,6 @@ class NoiseConditionalLoss(_FunctionalLoss):
         self.register_buffer("sigmas", torch.as_tensor(sigmas).detach().clone().reshape(-1))
 
     def forward(self, model: Callable[..., Tensor], x: Tensor, **kwargs: Any) -> Tensor:
+        """The loss of ``model`` on ``x`` over the stored noise levels; ``kwargs`` override
+        the stored options."""
         return noise_conditional_loss(model, x, self.sigmas, **{**self.options, **kwargs})

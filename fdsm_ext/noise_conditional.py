@@ -14,6 +14,8 @@ from ._random import LEVELS, NOISE, resolve_seed, standard_normal, stream, unifo
 from .baselines import dsm_loss, ssm_loss
 from .losses import fd_dsm_loss, fd_ssm_loss
 
+__all__ = ["geometric_sigmas", "noise_conditional_loss"]
+
 METHODS = {"fd_ssm": fd_ssm_loss, "ssm": ssm_loss, "dsm": dsm_loss, "fd_dsm": fd_dsm_loss}
 CONDITIONS = ("label", "sigma")
 
@@ -60,7 +62,9 @@ def noise_conditional_loss(
     ``reduction`` in ``estimator_kwargs`` applies to the weighted per-sample losses (default
     "mean"); ``model_kwargs`` and ``shared`` pass through to the estimator (the condition
     is its ``model_args[0]``). ``seed`` or ``generator`` fixes the level draw, the noise and
-    the estimator's draws, as in :func:`fdsm_ext.fd_ssm_loss`.
+    the estimator's draws, as in :func:`fdsm_ext.fd_ssm_loss`. Derivation: docs/math.rst,
+    :ref:`section "Noise-conditional training and annealed Langevin dynamics"
+    <math-noise-conditional>`.
     """
     fn = "noise_conditional_loss"
     check_choice("method", method, tuple(METHODS), fn)

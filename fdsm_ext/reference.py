@@ -8,7 +8,11 @@ Layout shared by every op (``x`` flattened to (B, d), ``P`` = number of projecti
   contributes ``x.repeat(P, 1) + gamma_k * v`` (P*B rows).
 
 Reductions accumulate in float32 for half/bfloat16 inputs (and return float32), in the
-input precision otherwise.
+input precision otherwise. The formulas the ops evaluate are derived on
+:doc:`the mathematics page </math>` (docs/math.rst).
+
+The Philox4x32-10 replay of the random directions (``_philox_directions`` and its helpers)
+is a test oracle only: the bit-exact stream is an implementation detail, not an API.
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "acc_dtype",
+    "fd_combine",
+    "fd_dsm_scalar",
+    "fd_ssm_scalar",
+    "fd_ssm_score",
+    "random_stencil_batch",
+    "scale_directions",
+    "sphere_sum_sq",
+    "stencil_batch",
+    "stencil_batch_backward",
+]
 
 NOISES = ("sphere", "gaussian", "rademacher")
 
@@ -114,7 +131,7 @@ def sincos_2pi(u: Tensor) -> tuple[Tensor, Tensor]:
             torch.where((q & 2) != 0, -sin_abs, sin_abs))
 
 
-def philox_directions(seed: int, rows: int, d: int, noise: str, first_row: int = 0) -> Tensor:
+def _philox_directions(seed: int, rows: int, d: int, noise: str, first_row: int = 0) -> Tensor:
     """Unscaled directions g of rows first_row .. first_row + rows - 1, shape (rows, d),
     float32: N(0, 1) for sphere/gaussian, +-1 for rademacher.
 
@@ -127,7 +144,8 @@ def philox_directions(seed: int, rows: int, d: int, noise: str, first_row: int =
     n_even = sqrt(-2 log u1) cos(2 pi u2), n_odd = sqrt(-2 log u1) sin(2 pi u2), where log
     and (cos, sin)(2 pi .) are the fixed float32 polynomial recipes log_poly and sincos_2pi
     (shared with the C++/CUDA kernels, within ~1 ulp of the exact functions), so the
-    compiled ops reproduce these values bit for bit.
+    compiled ops reproduce these values bit for bit. Test-only (the oracle of the op
+    ``fdsm::philox_directions`` and of the directions of ``random_stencil_batch``).
     """
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
     j = torch.arange(d, dtype=torch.int64) // 4
@@ -199,8 +217,9 @@ def stencil_batch(x: Tensor, v: Tensor, offsets: Sequence[float]) -> Tensor:
 def random_stencil_batch(
     x: Tensor, seed: int, offsets: Sequence[float], n_projections: int, noise: str, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """Directions v = scale_directions(philox_directions(seed, P*B, d)) and stencil_batch(x, v)."""
-    g = philox_directions(seed, n_projections * x.shape[0], x.shape[1], noise).to(x.device)
+    """Directions v = scale_directions(g) and stencil_batch(x, v), where g (P*B, d) are the
+    unscaled Philox directions of ``seed`` (N(0, 1) entries, or +-1 for rademacher)."""
+    g = _philox_directions(seed, n_projections * x.shape[0], x.shape[1], noise).to(x.device)
     v = scale_directions(g.to(acc_dtype(x.dtype)), noise, eps).to(x.dtype)
     return stencil_batch(x, v, offsets), v
 
@@ -277,3 +296,12 @@ def fd_dsm_scalar(
     fp, fm = f.to(acc).chunk(2)
     residual = sign * 0.5 * (fp - fm) + (v.to(acc) * target.to(acc)).sum(1)
     return scale * residual**2, residual
+
+
+def __getattr__(name: str):
+    # Transition: the test oracle used to be public as ``philox_directions``; the old name
+    # still resolves (without being listed in dir() or __all__) until every caller uses
+    # ``_philox_directions``.
+    if name == "philox_directions":
+        return _philox_directions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

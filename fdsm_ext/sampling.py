@@ -25,6 +25,8 @@ from ._common import (
 )
 from .noise_conditional import CONDITIONS
 
+__all__ = ["annealed_langevin_dynamics", "langevin_dynamics"]
+
 
 def _score(
     model: Callable[..., Tensor], x: Tensor, args: ModelArgs, output: str, fn: str

@@ -6,6 +6,8 @@ from fractions import Fraction
 from functools import cache
 from typing import NamedTuple
 
+__all__ = ["Stencil", "fd_stencil"]
+
 
 class Stencil(NamedTuple):
     """Offsets ``gamma_k`` (integers, in units of the step) and exact weights ``beta_k``.
@@ -36,7 +38,8 @@ def fd_stencil(order: int, accuracy: int = 2) -> Stencil:
 
     Offsets whose weight is zero (the centre for odd orders) are dropped, so the result is
     the smallest set of evaluations: e.g. order 1 -> ``(-1, 1), (-1/2, 1/2)``; order 2 ->
-    ``(-1, 0, 1), (1, -2, 1)``.
+    ``(-1, 0, 1), (1, -2, 1)``. Derivation (why symmetric offsets gain an order for even
+    orders): docs/math.rst, :ref:`section "General order-T stencils" <math-stencils>`.
     """
     check_order_accuracy(order, accuracy, "fd_stencil")
     return _solve(order, accuracy)

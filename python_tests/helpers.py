@@ -12,7 +12,7 @@ from fdsm_ext._random import NOISE
 def philox_normal(seed: int, rows: int, d: int, dtype=torch.float64) -> torch.Tensor:
     """The N(0, 1) noise z (rows, d) that a loss called with ``seed=seed`` draws: the oracle's
     replay of the Philox stream ``seed XOR NOISE``."""
-    return reference.philox_directions(seed ^ NOISE, rows, d, "gaussian").to(dtype)
+    return reference._philox_directions(seed ^ NOISE, rows, d, "gaussian").to(dtype)
 
 
 def spd_matrix(d: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

@@ -22,7 +22,7 @@ def test_ssm_matches_closed_form_with_same_projections(noise, variance_reduction
     x = torch.randn(batch, d, dtype=torch.float64)
     loss = ssm_loss(model, x, noise=noise, n_projections=n_proj, output=output,
                     variance_reduction=variance_reduction, reduction="none", seed=2)
-    u = reference.philox_directions(2, n_proj * batch, d, noise).double()
+    u = reference._philox_directions(2, n_proj * batch, d, noise).double()
     s = quad.score(x).repeat(n_proj, 1)
     first = 0.5 * (s * s).sum(1) if variance_reduction else 0.5 * (u * s).sum(1) ** 2
     expected = first - ((u @ quad.A) * u).sum(1)

@@ -1,7 +1,10 @@
 """What users expect of a torch library: nn.Module forms, py.typed, a clean namespace, errors
 that name the function, and output="auto" that never guesses a sign."""
 
+import ast
+import importlib
 import importlib.resources
+import pkgutil
 import re
 import types
 from pathlib import Path
@@ -112,6 +115,61 @@ def test_namespace_has_only_the_public_api_and_submodules():
     assert stray == []
     assert "version" not in names and isinstance(fdsm_ext.__version__, str)
     assert all(hasattr(fdsm_ext, n) for n in fdsm_ext.__all__)
+
+
+ROOT = Path(__file__).parents[1]
+
+
+def _public_submodules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(fdsm_ext.__path__)
+                  if not m.name.startswith("_"))
+
+
+def test_every_public_submodule_declares_its_api_and_is_in_the_reference():
+    """Modules without a leading underscore are public: each lists its names in __all__
+    and has a section in docs/api.rst."""
+    api = (ROOT / "docs" / "api.rst").read_text()
+    assert _public_submodules()
+    for name in _public_submodules():
+        module = importlib.import_module(f"fdsm_ext.{name}")
+        assert isinstance(module.__all__, list), name
+        assert all(hasattr(module, n) for n in module.__all__), name
+        assert f".. automodule:: fdsm_ext.{name}" in api, name
+        # Names defined here and re-exported at the top level are documented there, once.
+        for n in module.__all__:
+            if n in fdsm_ext.__all__:
+                assert getattr(fdsm_ext, n) is getattr(module, n), (name, n)
+
+
+def test_the_test_only_philox_directions_is_not_public():
+    """The Philox replay is a test oracle: private in fdsm_ext.reference, absent from the
+    package namespace, the ops wrappers and the API reference."""
+    from fdsm_ext import _ops, reference
+
+    for module in (fdsm_ext, reference, _ops):
+        assert "philox_directions" not in dir(module)
+        assert "philox_directions" not in getattr(module, "__all__", ())
+    assert callable(reference._philox_directions)
+    assert "philox" not in (ROOT / "docs" / "api.rst").read_text()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_losses_and_the_precision_guard_do_not_import_each_other_in_a_circle():
+    """precision.suggest_eps calls the losses; the losses use the guard in the private
+    fdsm_ext._guard, which imports neither, and precision re-exports its public names."""
+    from fdsm_ext import _guard, precision
+
+    package = ROOT / "fdsm_ext"
+    assert "precision" not in _imported_modules(package / "losses.py")
+    assert not _imported_modules(package / "_guard.py") & {"losses", "precision"}
+    assert precision.FDPrecisionWarning is _guard.FDPrecisionWarning is fdsm_ext.FDPrecisionWarning
+    assert precision.FDPrecisionWarning.__module__ == "fdsm_ext.precision"
+    assert precision.unit_roundoff is _guard.unit_roundoff
+    assert precision._calls is _guard._calls  # the tests' per-call-site reset reaches the guard
 
 
 # --- errors name the function ------------------------------------------------------------

@@ -20,7 +20,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 FLOATS = (torch.float32, torch.float64)
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Philox4x32-10 known answers (MATH.md): counter, key, output.
+# Philox4x32-10 known answers (docs/math.rst, section "Philox4x32-10"): counter, key, output.
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     (
@@ -103,7 +103,7 @@ def test_directions_match_reference(noise, seed, d):
     batch, n_proj = 3, 2
     x = torch.zeros(batch, d)
     _, v = ops.random_stencil_batch(x, seed_tensor(seed), [1.0], n_proj, noise, 0.1)
-    g = ref.philox_directions(seed % 2**64, n_proj * batch, d, noise)
+    g = ref._philox_directions(seed % 2**64, n_proj * batch, d, noise)
     expected = ref.scale_directions(g, noise, 0.1)
     # Same float32 recipe (polynomial log/sincos in csrc/philox.h) and, for the sphere, the
     # same summation order of the row norm (csrc/sphere_norm.h): bit-identical.
@@ -132,7 +132,7 @@ def test_directions_past_2_32_rows_match_reference(noise, d, first_row):
     # draws, identical to the oracle's, not repeats of rows mod 2^32.
     seed = 2**40 + 99
     g = philox_directions_op(seed, first_row, 6, d, noise)
-    expected = ref.philox_directions(seed, 6, d, noise, first_row=first_row)
+    expected = ref._philox_directions(seed, 6, d, noise, first_row=first_row)
     torch.testing.assert_close(g, expected, rtol=0, atol=0)
     last = first_row + 5  # past 2^32 in every case; a 32-bit counter would give this row:
     wrapped = philox_directions_op(seed, last % 2**32, 1, d, noise)
@@ -142,13 +142,13 @@ def test_directions_past_2_32_rows_match_reference(noise, d, first_row):
 def test_reference_counter_layout_past_2_32_rows():
     # Row r, group j use counter (j lo, r lo, r hi, j hi): row 2^32 + 5 is counter (j, 5, 1, 0).
     seed, d = 12345, 8
-    g = ref.philox_directions(seed, 1, d, "rademacher", first_row=2**32 + 5)
+    g = ref._philox_directions(seed, 1, d, "rademacher", first_row=2**32 + 5)
     for j in range(d // 4):
         words = ref.philox4x32_10([torch.tensor(c) for c in (j, 5, 1, 0)], (seed, 0))
         expected = [1.0 if int(w) & 1 else -1.0 for w in words]
         assert g[0, 4 * j:4 * j + 4].tolist() == expected
     # below 2^32 the high words are zero: the 32-bit counter (j, r, 0, 0) of earlier versions
-    g_low = ref.philox_directions(seed, 1, 4, "rademacher", first_row=5)
+    g_low = ref._philox_directions(seed, 1, 4, "rademacher", first_row=5)
     words = ref.philox4x32_10([torch.tensor(c) for c in (0, 5, 0, 0)], (seed, 0))
     assert g_low[0].tolist() == [1.0 if int(w) & 1 else -1.0 for w in words]
 

@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> random_stencil_batch_cpu(const at::Tensor& x_
 
 // The unscaled directions g (float32, shape (rows, d)) of rows first_row .. first_row +
 // rows - 1: what random_stencil_batch draws for those rows. A test hook: it checks rows past
-// 2^32 against fdsm_ext.reference.philox_directions without allocating 2^32 rows.
+// 2^32 against fdsm_ext.reference._philox_directions without allocating 2^32 rows.
 at::Tensor philox_directions_cpu(const at::Tensor& seed_t, int64_t first_row, int64_t rows,
                                  int64_t d, c10::string_view noise_name) {
   TORCH_CHECK(seed_t.scalar_type() == at::kLong && seed_t.numel() == 1,
