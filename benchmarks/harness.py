@@ -49,8 +49,6 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # examples/ is imported from the source tree
-    sys.path.insert(0, str(REPO_ROOT))
 
 RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
 
@@ -503,7 +501,8 @@ def write_readme(outdir: Path, mode: str) -> Path:
     return path
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes (--quick, --out, --device, --threads)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS_ROOT,
@@ -513,7 +512,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
                    help="torch threads in the children (default: 1 on machines with <= 2 "
                    "cores, where OpenMP barriers under load from other processes make "
                    "multi-threaded timings erratic; else torch's default)")
-    return p.parse_args(argv)
+    return p
 
 
 def default_threads() -> int:
@@ -523,17 +522,20 @@ def default_threads() -> int:
 def run_module(name: str, run: Callable[..., Section], argv: Sequence[str] | None = None,
                description: str = "") -> Section:
     """Entry point shared by the benchmark modules (``python -m benchmarks.NAME``)."""
-    args = parse_args(description or name, argv)
+    args = base_parser(description or name).parse_args(argv)
     return run_and_write(name, run, args)
 
 
-def run_and_write(name: str, run: Callable[..., Section], args: argparse.Namespace) -> Section:
+def run_and_write(name: str, run: Callable[..., Section], args: argparse.Namespace,
+                  **kwargs: Any) -> Section:
+    """``run(quick, outdir, device, threads, **kwargs)``, then its files and the README."""
     mode = "quick" if args.quick else "full"
     outdir = Path(args.out) / mode
     outdir.mkdir(parents=True, exist_ok=True)
     command = f"python -m benchmarks.{name}" + (" --quick" if args.quick else "")
     t0 = time.perf_counter()
-    section = run(quick=args.quick, outdir=outdir, device=args.device, threads=args.threads)
+    section = run(quick=args.quick, outdir=outdir, device=args.device, threads=args.threads,
+                  **kwargs)
     section.data["wall_s"] = time.perf_counter() - t0
     write_section(section, outdir, machine_info(args.device, args.threads), command)
     write_readme(outdir, mode)

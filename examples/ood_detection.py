@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Out-of-distribution detection with deep EBMs trained by DSM and FD-DSM (the paper's OOD table).
 
-    python examples/train_ebm.py --dataset fashion_mnist --method dsm    --out runs/fm_dsm
-    python examples/train_ebm.py --dataset fashion_mnist --method fd_dsm --out runs/fm_fd_dsm
-    python examples/ood_detection.py --runs runs/fm_dsm runs/fm_fd_dsm
+    python -m examples.train_ebm --dataset fashion_mnist --method dsm    --out runs/fm_dsm
+    python -m examples.train_ebm --dataset fashion_mnist --method fd_dsm --out runs/fm_fd_dsm
+    python -m examples.ood_detection --runs runs/fm_dsm runs/fm_fd_dsm
 
 Each ``--runs`` folder is a finished (or checkpointed) ``train_ebm.py`` run on data set A.
 As the authors' ``DeepEBM/test_ood.py`` does, a test batch of M = 2 images is scored by
@@ -32,52 +31,52 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import data as data_lib  # noqa: E402
-from common import training  # noqa: E402
-from common.models import EnergyNet  # noqa: E402
+from .common import checkpoint as ckpt_lib
+from .common import cli
+from .common import data as data_lib
+from .common.models import EnergyNet
 
 TEST_SETS = ("fashion_mnist", "mnist5k", "digits28", "uniform", "gaussian")
 
 
 def build_parser():
-    p = training.OneLineParser(description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True,
                    help="train_ebm.py output folders (each holds checkpoint.pt)")
     p.add_argument("--out", default="runs/ood")
-    p.add_argument("--batches", type=training.positive_int, default=1000,
+    p.add_argument("--batches", type=cli.positive_int, default=1000,
                    help="test batches per set")
-    p.add_argument("--m", type=training.positive_int, default=2, help="images per test batch")
-    p.add_argument("--ref-batches", type=training.positive_int, default=10,
+    p.add_argument("--m", type=cli.positive_int, default=2, help="images per test batch")
+    p.add_argument("--ref-batches", type=cli.positive_int, default=10,
                    help="training batches (of --ref-batch-size) for the reference mean energy")
-    p.add_argument("--ref-batch-size", type=training.positive_int, default=100)
-    p.add_argument("--sigma", type=training.positive_float, default=None,
+    p.add_argument("--ref-batch-size", type=cli.positive_int, default=100)
+    p.add_argument("--sigma", type=cli.positive_float, default=None,
                    help="noise level of the energy (nearest level; default: the smallest)")
-    p.add_argument("--time-rounds", type=training.nonneg_int, default=5,
+    p.add_argument("--time-rounds", type=cli.nonneg_int, default=5,
                    help="interleaved DSM / FD-DSM training steps timed per training set")
-    p.add_argument("--time-batch-size", type=training.positive_int, default=64)
-    p.add_argument("--test-limit", type=training.positive_int, default=None,
+    p.add_argument("--time-batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--test-limit", type=cli.positive_int, default=None,
                    help="use only the first N images of each real test set (tests)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=training.positive_int, default=None)
+    p.add_argument("--threads", type=cli.positive_int, default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def check_run(parser, folder: str) -> dict:
     """The checkpoint of a train_ebm.py output folder (one-line error otherwise)."""
-    path = os.path.join(folder, training.CKPT_NAME)
+    path = os.path.join(folder, ckpt_lib.CKPT_NAME)
     if not os.path.isdir(folder):
         parser.error(f"--runs {folder}: no such folder")
     if not os.path.isfile(path):
-        parser.error(f"--runs {folder}: no {training.CKPT_NAME} there (run train_ebm.py first)")
+        parser.error(f"--runs {folder}: no {ckpt_lib.CKPT_NAME} there (run "
+                     "python -m examples.train_ebm first)")
     try:
-        state = training.load_checkpoint(path, "cpu")
-    except training.CheckpointError as e:
+        state = ckpt_lib.load_checkpoint(path, "cpu")
+    except ckpt_lib.CheckpointError as e:
         parser.error(f"--runs {folder}: {e}")
     if "width" not in state.get("args", {}) or "n_sigmas" not in state["args"]:
-        parser.error(f"--runs {folder}: {training.CKPT_NAME} is not from train_ebm.py")
+        parser.error(f"--runs {folder}: {ckpt_lib.CKPT_NAME} is not from train_ebm.py")
     return state
 
 
@@ -253,11 +252,11 @@ def main(argv=None):
             except data_lib.DataError as e:
                 parser.error(str(e))
     md = table(rows)
-    training.save_json(os.path.join(args.out, "metrics.json"),
+    ckpt_lib.save_json(os.path.join(args.out, "metrics.json"),
                        {"m": args.m, "batches": args.batches, "ref_batches": args.ref_batches,
                         "ref_batch_size": args.ref_batch_size, "seed": args.seed,
                         "torch_threads": torch.get_num_threads(), "rows": rows})
-    training.atomic_write(os.path.join(args.out, "ood_table.md"), lambda f: f.write(md.encode()))
+    ckpt_lib.atomic_write(os.path.join(args.out, "ood_table.md"), lambda f: f.write(md.encode()))
     print(md, end="")
     print(f"wrote {args.out}/")
     return 0

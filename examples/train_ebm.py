@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Train a deep energy-based model with finite-difference score matching, then sample from it.
 
-    python examples/train_ebm.py --out runs/ebm                 # FD-SSM on built-in 8x8 digits
-    python examples/train_ebm.py --method dsm --out runs/dsm    # a baseline, same units
-    torchrun --nproc_per_node=2 examples/train_ebm.py --out runs/ebm_ddp   # data parallel
-    python examples/train_ebm.py --condition sigma --out runs/ebm_sigma    # E(x, sigma)
+    python -m examples.train_ebm --out runs/ebm                 # FD-SSM on built-in 8x8 digits
+    python -m examples.train_ebm --method dsm --out runs/dsm    # a baseline, same units
+    torchrun --nproc_per_node=2 -m examples.train_ebm --out runs/ebm_ddp   # data parallel
+    python -m examples.train_ebm --condition sigma --out runs/ebm_sigma    # E(x, sigma)
 
 The network is a noise-conditional ENERGY E(x, i) (log-density -E(x, i) + const of the data
 smoothed by N(0, sigma_i^2 I)) for a geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.05
@@ -21,9 +20,9 @@ estimator: along the DSM residual, DSM's own gradient, by default, or along rand
 directions). Sampling is annealed Langevin dynamics from uniform noise (100 steps per
 level, step 5e-5 * (sigma_i/sigma_min)^2; larger steps drift into a few over-weighted
 modes of this model, e.g. 7-like strokes, and raise MMD^2) with a final denoising step.
-Held-out quality is the exact score-matching loss J_SM (MATH.md) at one fixed level
-(``--sigma``, default 0.1: the nearest level of the ladder) on noise-perturbed held-out
-images: the same units for every method, lower is better.
+Held-out quality is the exact score-matching loss J_SM (docs/math.rst, "Exact score
+matching") at one fixed level (``--sigma``, default 0.1: the nearest level of the ladder)
+on noise-perturbed held-out images: the same units for every method, lower is better.
 
 Writes OUT/samples.png, OUT/curves.png, OUT/metrics.json and OUT/checkpoint.pt
 (the one before it: OUT/checkpoint.prev.pt).
@@ -36,10 +35,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import training  # noqa: E402
-from common.models import EnergyNet  # noqa: E402
+from .common import cli, distributed, image_training, report, seeding
+from .common.models import EnergyNet
 
 METHODS = ("fd_ssm", "fd_dsm", "ssm", "ssm_vr", "dsm", "exact")
 # Methods whose autograd implementation differentiates the network w.r.t. its input with
@@ -49,34 +46,34 @@ DOUBLE_BACKWARD = ("ssm", "ssm_vr", "dsm", "exact")
 
 
 def build_parser():
-    p = training.OneLineParser(description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="fd_ssm", choices=METHODS,
                    help="fd_ssm: variance-reduced FD-SSM (default)")
-    p.add_argument("--eps", type=training.positive_float, default=0.1,
+    p.add_argument("--eps", type=cli.positive_float, default=0.1,
                    help="finite-difference step: the norm of the direction v (fd_* methods)")
-    p.add_argument("--n-projections", type=training.positive_int, default=1,
+    p.add_argument("--n-projections", type=cli.positive_int, default=1,
                    help="random directions v per sample (fd_ssm, ssm, ssm_vr, and fd_dsm "
                         "with --fd-dsm-direction random)")
     p.add_argument("--fd-dsm-direction", default="residual", choices=("residual", "random"),
                    help="fd_dsm: finite differences along the DSM residual (DSM's gradient, "
                         "default) or along random directions (the paper's estimator)")
-    p.add_argument("--sigma-max", type=training.positive_float, default=1.0)
-    p.add_argument("--sigma-min", type=training.positive_float, default=0.05)
-    p.add_argument("--n-sigmas", type=training.positive_int, default=10)
-    p.add_argument("--sigma", type=training.positive_float, default=0.1,
+    p.add_argument("--sigma-max", type=cli.positive_float, default=1.0)
+    p.add_argument("--sigma-min", type=cli.positive_float, default=0.05)
+    p.add_argument("--n-sigmas", type=cli.positive_int, default=10)
+    p.add_argument("--sigma", type=cli.positive_float, default=0.1,
                    help="noise level of the held-out exact SM loss (nearest level is used)")
-    p.add_argument("--width", type=training.positive_int, default=32, help="base channels")
+    p.add_argument("--width", type=cli.positive_int, default=32, help="base channels")
     p.add_argument("--condition", default="label", choices=("label", "sigma"),
                    help="what the network is conditioned on: the level index (label, default) "
                         "or the noise level sigma itself (sigma: embedding of log sigma)")
-    training.add_common_args(p, steps=4000, batch_size=128, lr=1e-3, ckpt_every=1000,
-                             eval_every=500, out="runs/ebm")
-    p.add_argument("--eval-size", type=training.positive_int, default=256,
+    cli.add_common_args(p, steps=4000, batch_size=128, lr=1e-3, ckpt_every=1000,
+                        eval_every=500, out="runs/ebm")
+    p.add_argument("--eval-size", type=cli.positive_int, default=256,
                    help="held-out images for the exact SM loss")
-    p.add_argument("--n-samples", type=training.positive_int, default=256)
-    p.add_argument("--n-steps-each", type=training.positive_int, default=100,
+    p.add_argument("--n-samples", type=cli.positive_int, default=256)
+    p.add_argument("--n-steps-each", type=cli.positive_int, default=100,
                    help="annealed Langevin steps per noise level")
-    p.add_argument("--step-lr", type=training.positive_float, default=5e-5,
+    p.add_argument("--step-lr", type=cli.positive_float, default=5e-5,
                    help="Langevin step at the smallest sigma (scaled by (sigma_i/sigma_min)^2)")
     return p
 
@@ -115,7 +112,7 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, n_projections: int 
 
 def main(argv=None):
     parser = build_parser()
-    args, train_x, test_x = training.parse_and_load(parser, argv)
+    args, train_x, test_x = cli.parse_and_load(parser, argv)
     if args.method == "fd_dsm" and args.fd_dsm_direction == "residual" and args.n_projections > 1:
         parser.error("--n-projections applies to fd_dsm only with --fd-dsm-direction random "
                      "(the residual direction is one deterministic direction per sample)")
@@ -123,8 +120,8 @@ def main(argv=None):
     import fdsm_ext
     from fdsm_ext import geometric_sigmas
 
-    d = training.setup_distributed(args.device)
-    training.seed_everything(args.seed)
+    d = distributed.setup_distributed(args.device)
+    seeding.seed_everything(args.seed)
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
     sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.n_sigmas)
@@ -147,19 +144,19 @@ def main(argv=None):
             return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_cond, output="energy",
                                           chunk_size=max(1, 128 // len(eval_noisy)))
 
-    history, sec_per_iter = training.train(
+    history, sec_per_iter = image_training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,
         loss_fn=make_loss(args.method, sigmas, args.eps, args.n_projections, args.condition,
                           args.fd_dsm_direction),
         eval_fn=eval_fn,
         use_ddp_hooks=args.method not in DOUBLE_BACKWARD)
-    max_diff = training.max_param_difference(model, d)
-    mem = training.peak_memory_mb(d.device)
-    training.cleanup_distributed()
+    max_diff = distributed.max_param_difference(model, d)
+    mem = report.peak_memory_mb(d.device)
+    distributed.cleanup_distributed()
     if not d.is_main:
         return 0
 
-    training.sample_and_report(
+    image_training.sample_and_report(
         args=args, model=model, sigmas=sigmas, d=d, output="energy",
         title=f"EBM ({args.method}), annealed Langevin samples", history=history,
         train_label=f"training loss ({args.method})",

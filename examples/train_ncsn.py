@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Train a noise-conditional score network (NCSN) with finite-difference score matching.
 
-    python examples/train_ncsn.py --out runs/ncsn               # FD-SSM on built-in 8x8 digits
-    python examples/train_ncsn.py --method dsm --out runs/ncsn_dsm
-    python examples/train_ncsn.py --condition sigma --out runs/ncsn_sigma   # s(x, sigma)
-    torchrun --nproc_per_node=2 examples/train_ncsn.py --out runs/ncsn_ddp
+    python -m examples.train_ncsn --out runs/ncsn               # FD-SSM on built-in 8x8 digits
+    python -m examples.train_ncsn --method dsm --out runs/ncsn_dsm
+    python -m examples.train_ncsn --condition sigma --out runs/ncsn_sigma   # s(x, sigma)
+    torchrun --nproc_per_node=2 -m examples.train_ncsn --out runs/ncsn_ddp
 
 The network s(x, i) estimates the score of the data smoothed by N(0, sigma_i^2 I) for a
 geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.01 (paper setting; configurable); with
@@ -24,34 +23,32 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import training  # noqa: E402
-from common.models import ScoreNet  # noqa: E402
+from .common import cli, distributed, image_training, report, seeding
+from .common.models import ScoreNet
 
 METHODS = ("fd_ssm", "ssm_vr", "dsm")
 
 
 def build_parser():
-    p = training.OneLineParser(description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="fd_ssm", choices=METHODS,
                    help="fd_ssm: variance-reduced FD-SSM (default); ssm_vr: autograd SSM-VR; "
                         "dsm: denoising score matching")
-    p.add_argument("--eps", type=training.positive_float, default=0.1,
+    p.add_argument("--eps", type=cli.positive_float, default=0.1,
                    help="finite-difference step (fd_ssm)")
-    p.add_argument("--sigma-max", type=training.positive_float, default=1.0)
-    p.add_argument("--sigma-min", type=training.positive_float, default=0.01)
-    p.add_argument("--n-sigmas", type=training.positive_int, default=10)
-    p.add_argument("--width", type=training.positive_int, default=16, help="base channels")
+    p.add_argument("--sigma-max", type=cli.positive_float, default=1.0)
+    p.add_argument("--sigma-min", type=cli.positive_float, default=0.01)
+    p.add_argument("--n-sigmas", type=cli.positive_int, default=10)
+    p.add_argument("--width", type=cli.positive_int, default=16, help="base channels")
     p.add_argument("--condition", default="label", choices=("label", "sigma"),
                    help="what the network is conditioned on: the level index (label, default) "
                         "or the noise level sigma itself (sigma: embedding of log sigma)")
-    training.add_common_args(p, steps=1200, batch_size=128, lr=1e-3, ckpt_every=400,
-                             eval_every=200, out="runs/ncsn")
-    p.add_argument("--n-samples", type=training.positive_int, default=256)
-    p.add_argument("--n-steps-each", type=training.positive_int, default=100,
+    cli.add_common_args(p, steps=1200, batch_size=128, lr=1e-3, ckpt_every=400,
+                        eval_every=200, out="runs/ncsn")
+    p.add_argument("--n-samples", type=cli.positive_int, default=256)
+    p.add_argument("--n-steps-each", type=cli.positive_int, default=100,
                    help="annealed Langevin steps per noise level")
-    p.add_argument("--step-lr", type=training.positive_float, default=2e-5,
+    p.add_argument("--step-lr", type=cli.positive_float, default=2e-5,
                    help="Langevin step at the smallest sigma (scaled by (sigma_i/sigma_min)^2)")
     return p
 
@@ -75,12 +72,12 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, condition: str = "l
 
 def main(argv=None):
     parser = build_parser()
-    args, train_x, test_x = training.parse_and_load(parser, argv)
+    args, train_x, test_x = cli.parse_and_load(parser, argv)
 
     from fdsm_ext import geometric_sigmas, noise_conditional_loss
 
-    d = training.setup_distributed(args.device)
-    training.seed_everything(args.seed)
+    d = distributed.setup_distributed(args.device)
+    seeding.seed_everything(args.seed)
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
     sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.n_sigmas)
@@ -98,17 +95,17 @@ def main(argv=None):
             return noise_conditional_loss(m, eval_x, sigmas, method="dsm", labels=eval_labels,
                                           condition=args.condition, generator=g)
 
-    history, sec_per_iter = training.train(
+    history, sec_per_iter = image_training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,
         loss_fn=make_loss(args.method, sigmas, args.eps, args.condition), eval_fn=eval_fn,
         use_ddp_hooks=args.method != "ssm_vr")
-    max_diff = training.max_param_difference(model, d)
-    mem = training.peak_memory_mb(d.device)
-    training.cleanup_distributed()
+    max_diff = distributed.max_param_difference(model, d)
+    mem = report.peak_memory_mb(d.device)
+    distributed.cleanup_distributed()
     if not d.is_main:
         return 0
 
-    training.sample_and_report(
+    image_training.sample_and_report(
         args=args, model=model, sigmas=sigmas, d=d, output="score",
         title=f"NCSN ({args.method}), annealed Langevin samples", history=history,
         train_label=f"training loss ({args.method}, sigma^2-weighted)",

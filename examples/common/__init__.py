@@ -1,1 +1,2 @@
-"""Shared pieces of the fdsm_ext training examples: data, models, training loop helpers, metrics."""
+"""Code shared by the example scripts (and imported by benchmarks/): command line, data,
+models, losses, the training loop, checkpoints, distributed helpers, metrics and reports."""

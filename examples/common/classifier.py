@@ -122,7 +122,7 @@ def load_or_train(dataset: str, data_dir: str | None = None, *, cache_dir: str =
     Returns ``(model, info)``; ``info`` holds its test accuracy and the mean / covariance of
     its features on the training images (the reference of the Fréchet distance).
     """
-    from .training import atomic_write
+    from .checkpoint import atomic_write
 
     train_x, train_y, test_x, test_y = load_labelled(dataset, data_dir)
     train_x, train_y = train_x[:max_train], train_y[:max_train]

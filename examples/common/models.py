@@ -155,6 +155,14 @@ class EnergyNet(nn.Module):
 
 
 
+def seeded_energy_net(seed: int, image_size: int, *, ch: int, head_dim: int,
+                      device: str | torch.device = "cpu") -> EnergyNet:
+    """The unconditional one-channel EnergyNet of the deep-EBM benchmark and learning
+    curves, initialised after ``torch.manual_seed(seed)`` (same seed: same network)."""
+    torch.manual_seed(seed)
+    return EnergyNet(1, image_size, ch=ch, head_dim=head_dim).to(device)
+
+
 class CondResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int):
         super().__init__()
