@@ -421,24 +421,42 @@ def render_curve_run(key: str, d: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- NCSN, demo
+_RUN_FIELDS = {"method": "method", "dataset": "data", "steps": "iterations",
+               "batch_size": "batch size",
+               "final_heldout_exact_sm_loss": "held-out exact SM loss (final)",
+               "final_heldout_dsm_loss": "held-out DSM loss (final)",
+               "seconds_per_iteration": "s / iteration", "sampling_seconds": "sampling (s)",
+               "mmd2_samples_vs_heldout": "MMD^2, samples vs held-out",
+               "mmd2_init_noise_vs_heldout": "MMD^2, initial noise vs held-out",
+               "torch_threads": "torch threads"}
+
+
+def run_metrics(d: dict, source: str) -> list[str]:
+    """A training run's metrics.json as a table, with its provenance and command."""
+    p = d["provenance"]
+    rows = [[label, fmt(d[k]) if isinstance(d[k], float) else d[k]]
+            for k, label in _RUN_FIELDS.items() if k in d]
+    return [
+        "From the run's ``metrics.json`` (MMD^2: kernel MMD of the samples against held-out "
+        "digits, and of the initial noise for scale; the file also holds the loss curves):",
+        "",
+        table(["quantity", "value"], rows),
+        provenance(p, source=source, commands=[p["command"]]),
+    ]
+
+
 def render_ncsn() -> tuple[str, list[str]]:
     d = load(RESULTS / "ncsn_digits.json")
-    r = d["runs"][0]
     body = [
-        "``examples/train_ncsn.py`` trains a noise-conditional score network (NCSN) by "
-        "FD-SSM with ``noise_conditional_loss(..., output=\"score\")`` on scikit-learn's 8x8 "
-        "digits and draws samples by annealed Langevin dynamics. " + d["description"],
+        "``examples/train_ncsn.py`` with its defaults trains a noise-conditional score network "
+        "(NCSN) by FD-SSM with ``noise_conditional_loss(..., output=\"score\")`` on "
+        "scikit-learn's 8x8 digits and draws samples by annealed Langevin dynamics.",
         "",
-        figure(r["figure"], f"{r['dataset']}, {r['method']}: annealed Langevin samples."),
-        provenance(d["provenance"], source="docs/results/ncsn_digits.json",
-                   date=r["date"], commands=[r["command"]]),
-        "NCSN results at 28x28, with metrics kept in a results file, are to come (issue 21).",
+        figure("docs/ncsn_samples.png", "Annealed Langevin samples of the NCSN."),
+        *run_metrics(d, "docs/results/ncsn_digits.json"),
+        "NCSN results at 28x28 are to come (issue 21).",
     ]
     return page("NCSN", ["docs/results/ncsn_digits.json"], body), ["ncsn_digits.json"]
-
-
-DEMO_COMMAND = "python -m examples.train_ebm --out runs/ebm"
-DEMO_FIGURE_COMMIT = "6d98cf4"  # git log -- docs/ebm_samples.png
 
 
 def render_demo() -> tuple[str, list[str]]:
@@ -452,31 +470,8 @@ def render_demo() -> tuple[str, list[str]]:
         "``metrics.json``.",
         "",
         figure("docs/ebm_samples.png", "Annealed Langevin samples of the demo."),
+        *run_metrics(d, "docs/results/demo_ebm_digits.json"),
     ]
-    if d is None:
-        body += [
-            "The metrics of the run that drew this figure were not kept (the figure was "
-            f"committed in ``{DEMO_FIGURE_COMMIT}``): this page shows no numbers for it.",
-            "",
-            code([DEMO_COMMAND]),
-        ]
-    else:
-        p = d.get("provenance") or {}
-        fields = {"method": "method", "dataset": "data", "steps": "iterations",
-                  "batch_size": "batch size", "final_heldout_exact_sm_loss":
-                  "held-out exact SM loss (final)", "seconds_per_iteration": "s / iteration",
-                  "sampling_seconds": "sampling (s)", "mmd2_samples_vs_heldout":
-                  "MMD^2, samples vs held-out", "mmd2_init_noise_vs_heldout":
-                  "MMD^2, initial noise vs held-out", "torch_threads": "torch threads"}
-        rows = [[label, d[k]] for k, label in fields.items() if k in d]
-        cmds = p.get("commands") or ([p["command"]] if p.get("command") else [DEMO_COMMAND])
-        body += [
-            "From the run's ``metrics.json`` (MMD^2: kernel MMD of the samples against "
-            "held-out digits, and of the initial noise for scale):",
-            "",
-            table(["quantity", "value"], rows),
-            provenance(p, source="docs/results/demo_ebm_digits.json", commands=cmds),
-        ]
     return page("Demo: deep EBM on 8x8 digits", ["docs/results/demo_ebm_digits.json"],
                 body), ["demo_ebm_digits.json"]
 
