@@ -37,6 +37,7 @@ from .harness import (
     Section,
     Target,
     base_parser,
+    check_json_files,
     child_memory,
     fmt,
     in_fresh_process,
@@ -529,6 +530,7 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     add_curve_runs_option(p)
     args = p.parse_args(argv)
+    check_json_files(p, "--curve-runs", args.curve_runs)
     return run_and_write("deep_ebm", run, args, **run_kwargs(args))
 
 

@@ -454,8 +454,15 @@ def write_readme(outdir: Path, mode: str) -> Path:
         md = outdir / f"{name}.md"
         if not (js.exists() and md.exists()):
             continue
-        payload = json.loads(js.read_text())
-        m = payload["machine"]
+        try:  # a file cut short by a killed run, or edited by hand: left out, with a warning
+            payload = json.loads(js.read_text())
+            m = payload["machine"]
+            m["date"], m["cpu"], m["cores"], payload["command"], payload["targets"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            print(f"warning: {js} left out of the README: not a results file of this harness "
+                  f"({type(e).__name__}: {e}); re-run python -m benchmarks.{name}",
+                  file=sys.stderr)
+            continue
         machines.append(
             f"| {name} | {m['date']} | {m['cpu']}, {m['cores']} cores | `{payload['command']}` | "
             f"{' / '.join(f'{x:.2f}' for x in m['load_average_1_5_15'])} | "
@@ -507,12 +514,45 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS_ROOT,
                    help="results root; files go to OUT/<quick|full>/")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--threads", type=int, default=default_threads(),
+    p.add_argument("--device", type=device_arg, default=default_device(),
+                   help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=positive_int_arg, default=default_threads(),
                    help="torch threads in the children (default: 1 on machines with <= 2 "
                    "cores, where OpenMP barriers under load from other processes make "
                    "multi-threaded timings erratic; else torch's default)")
     return p
+
+
+def device_arg(value: str) -> str:
+    """--device: cpu, or cuda when torch sees a GPU (checked here, not in the children)."""
+    if value not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; choose cpu or cuda")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda requested but torch.cuda.is_available() is "
+                                         "False; use --device cpu")
+    return value
+
+
+def positive_int_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return n
+
+
+def check_json_files(p: argparse.ArgumentParser, option: str, paths: Sequence) -> None:
+    """An argument error (one line) when a file given to ``option`` exists but is not JSON;
+    checked before the benchmark runs rather than after it (missing files are allowed)."""
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        try:
+            json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            p.error(f"{option} {path}: not a readable JSON file ({type(e).__name__}: {e})")
 
 
 def default_threads() -> int:

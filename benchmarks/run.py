@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import BENCHMARKS, deep_ebm
-from .harness import base_parser, run_and_write, write_readme
+from .harness import base_parser, check_json_files, run_and_write, write_readme
 
 
 def main(argv=None) -> int:
@@ -21,6 +21,7 @@ def main(argv=None) -> int:
                    help="run only this benchmark (repeatable)")
     deep_ebm.add_curve_runs_option(p)
     args = p.parse_args(argv)
+    check_json_files(p, "--curve-runs", args.curve_runs)
     names = args.only or list(BENCHMARKS)
     t0 = time.perf_counter()
     sections = []

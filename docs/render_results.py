@@ -45,11 +45,37 @@ LABELS = {"exact": "exact SM (Hessian trace)", "exact_sm": "exact SM (Hessian tr
 
 
 # ----------------------------------------------------------------------------- helpers
+class ResultsError(Exception):
+    """A results file that cannot be read or lacks what a page needs (one line)."""
+
+
+_READ: list[Path] = []  # the results files read by the renderer running now (for messages)
+
+
 def load(path: Path) -> dict | None:
     if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    _READ.append(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{rel(path)} is not a readable JSON results file "
+                           f"({type(e).__name__}: {e}); restore it from git or re-run its "
+                           "experiment") from None
+
+
+def from_results(what: str, build):
+    """``build()``, whose KeyError / TypeError / IndexError / ValueError come from a results
+    file lacking or mistyping a field: a one-line ResultsError naming the files it read."""
+    _READ.clear()
+    try:
+        return build()
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        files = ", ".join(dict.fromkeys(rel(p) for p in _READ)) or "no results file"
+        raise ResultsError(f"{what}: a field is missing or of the wrong type in {files} "
+                           f"({type(e).__name__}: {e}); restore the file from git or re-run "
+                           "its experiment") from None
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -154,7 +180,10 @@ def page(title: str, sources: list[str], body: list[str]) -> str:
 
 
 def rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
+    try:
+        return path.relative_to(ROOT).as_posix()
+    except ValueError:  # a file outside the repository (named in an error message)
+        return str(path)
 
 
 def figure(path: str, caption: str, width: str | None = None) -> str:
@@ -712,6 +741,162 @@ def render_fused(b: dict) -> str:
     ])
 
 
+# ----------------------------------------------------------------------------- GPU check
+GPU_CHECK = ROOT / "benchmarks" / "results" / "gpu" / "gpu_check.json"
+
+
+def gpu_check_ran_on_a_gpu() -> bool:
+    d = load(GPU_CHECK)
+    return bool(d) and d.get("device") == "cuda" and d.get("mode") == "full"
+
+
+def render_gpu() -> tuple[str, list[str]]:
+    """docs/results/gpu.rst from benchmarks/results/gpu/gpu_check.json (python -m
+    benchmarks.gpu_check); "not yet run on a GPU" while that file is absent."""
+    src = rel(GPU_CHECK)
+    d = load(GPU_CHECK)
+    intro = ("``python -m benchmarks.gpu_check`` is the one command to run when a GPU is lent "
+             "(:doc:`/guides/gpu_status`): it builds the CUDA kernels if needed, runs the tests "
+             "that need a GPU, compares every fused op on the GPU with the CPU element by "
+             "element, and runs the fused-op and deep-EBM benchmarks on the GPU, each part "
+             "within a time budget (8 minutes in all). It writes ``" + src + "``, rendered "
+             "here.")
+    if d is None:
+        body = [intro, "", "**Not yet run on a GPU.** No results file has been committed; "
+                "every other number on these pages comes from CPUs.", ""]
+        return page("GPU check", [src], body), [src]
+    m, parts = d["machine"], d["parts"]
+    body = [intro, ""]
+    if d["device"] != "cuda" or d["mode"] != "full":
+        body += [".. warning::", "", f"   This file comes from the check's test mode "
+                 f"(``--device {d['device']}``, {d['mode']} sizes), not from a GPU run.", ""]
+    gpu = (f"{m.get('gpu') or NOT_RECORDED} (compute capability "
+           f"{m.get('gpu_capability') or NOT_RECORDED}, {fmt(m.get('gpu_memory_gib'))} GiB), "
+           f"driver {m.get('driver') or NOT_RECORDED}" if d["device"] == "cuda" else "none")
+    problems = ", ".join(f"{p}: {s}" for p, s in d["problems"].items())
+    body += [f"- Results file: ``{src}``",
+             f"- GPU: {gpu}",
+             f"- CUDA: torch built with {m.get('torch_cuda') or NOT_RECORDED}, nvcc "
+             f"{m.get('nvcc') or NOT_RECORDED}; fdsm_ext CUDA kernels: "
+             f"{fmt(m.get('has_cuda_kernels'))}",
+             f"- Machine: {machine_text(m)}",
+             f"- Date: {m.get('date') or NOT_RECORDED}",
+             f"- Code commit: {commit_text(m.get('git_commit'))}",
+             f"- Outcome: {'every part ok' if not problems else problems}; "
+             f"{fmt(d['wall_s'])} s of a {fmt(d['budget_s'])} s budget",
+             "", code([d["command"]])]
+    rows = [[p, r["status"], r.get("wall_s"), d["part_budgets_s"].get(p),
+             r.get("error") or r.get("action") or ""] for p, r in parts.items()]
+    body += [heading("Parts"), table(["part", "status", "time (s)", "budget (s)", "note"],
+                                     rows)]
+    body.append(_gpu_tests(parts.get("tests")))
+    body.append(_gpu_directions(parts.get("directions")))
+    body.append(_gpu_fused(parts.get("fused_ops")))
+    body.append(_gpu_deep_ebm(parts.get("deep_ebm")))
+    return page("GPU check", [src], body), [src]
+
+
+def _gpu_tests(r: dict | None) -> str | None:
+    if not r or "counts" not in r:
+        return None
+    c = r["counts"]
+    lines = [heading("Tests that need a GPU"),
+             f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, "
+             f"{c['skipped']} skipped of {c['total']} "
+             f"({r['skipped_for_want_of_a_gpu']} skipped for want of a GPU).", "",
+             code([r["command"]])]
+    if r["failures"]:
+        lines.append(table(["test", "kind", "message"],
+                           [[f["test"], f["kind"], f["message"]] for f in r["failures"]]))
+    if r["skip_reasons"]:
+        lines.append(table(["skip reason", "tests"], [[k, v] for k, v in
+                                                      r["skip_reasons"].items()]))
+    return "\n".join(lines)
+
+
+def _gpu_directions(r: dict | None) -> str | None:
+    if not r or "entries" not in r:
+        return None
+    off = [e for e in r["entries"] if not e["bit_identical"]]
+    lines = [heading("The fused ops on the device against the CPU"),
+             f"Every op (forward and backward kernels) on the same inputs, B = {r['batch']}, "
+             f"d = {r['d']}, in float16, bfloat16, float32 and float64: "
+             f"{r['n_bit_identical']} of {r['n_entries']} op and dtype pairs are bit-identical. "
+             "Promised (:doc:`/guides/gpu_status`): bit for bit, except the reductions over d "
+             "(a tolerance).", ""]
+    if r["promised_bit_identical_but_differ"]:
+        lines += ["Promised bit for bit but different: "
+                  + ", ".join(r["promised_bit_identical_but_differ"]) + ".", ""]
+    if off:
+        lines.append(table(["op", "dtype", "promised", "differing elements", "max abs diff",
+                            "max diff / max abs value"],
+                           [[e["op"], e["dtype"], e["expected"],
+                             f"{e['differing']} of {e['elements']}", e["max_abs_diff"],
+                             e["max_rel_diff"]] for e in off]))
+    return "\n".join(lines)
+
+
+def _gpu_figure(name: str, caption: str) -> str | None:
+    path = GPU_CHECK.parent / f"{name}.png"
+    if not path.exists() or not path.is_relative_to(ROOT):
+        return None
+    return figure(path.relative_to(ROOT).as_posix(), caption)
+
+
+def _gpu_fused(r: dict | None) -> str | None:
+    if not r or "summary" not in r:
+        return None
+    s = r["summary"]
+    cfg = s["config"]
+    rows = [[FUSED.get(k, o["label"]), o["fused_us"], o["composed_us"],
+             o["fused_over_composed"], o["fused_mib"], o["composed_mib"]]
+            for k, o in s["ops"].items()]
+    srows = [[o["label"], o["time_ms"], "" if o["outside_model_ms"] is None
+              else o["outside_model_ms"], o["step_mib"]] for o in s["steps"].values()]
+    shape = "x".join(str(x) for x in cfg["shape"])
+    return "\n".join(x for x in [
+        heading("Fused ops against composed PyTorch, on the device"),
+        f"``benchmarks.fused_ops``: B = {cfg['batch']}, x of shape ({shape}), float32, eps "
+        f"{cfg['eps']}; forward + backward unless marked; {cfg['inner']} calls per timed "
+        "sample; memory: the peak of one call above the baseline "
+        "(``torch.cuda.max_memory_allocated`` on a GPU).", "",
+        table(["op", "fused (us)", "composed (us)", "fused / composed", "fused MiB",
+               "composed MiB"], rows),
+        f"Whole step, EnergyNet(in_ch={cfg['shape'][0]}, ch={cfg['ch']}, "
+        f"head_dim={cfg['head_dim']}), batch {cfg['batch']}:", "",
+        table(["step", "ms", "outside the model (ms)", "step memory (MiB)"], srows),
+        _gpu_figure("fused_ops", "Fused ops against composed PyTorch, on the device."),
+    ] if x is not None)
+
+
+def _gpu_deep_ebm(r: dict | None) -> str | None:
+    if not r or "summary" not in r:
+        return None
+    s = r["summary"]
+    cfg = s["config"]
+    rows = [[v["label"], v["time_ms"], v["step_mib"], v["peak_mib"], v["heldout_sm"]]
+            for v in s["methods"].values()]
+    rrows = []
+    for name, v in s["ratios"].items():
+        paper = v.get("paper") or {}
+        rrows.append([name, v["time"], v["memory"], paper.get("time", ""),
+                      paper.get("memory", "")])
+    return "\n".join(x for x in [
+        heading("Deep EBM table, on the device"),
+        f"``benchmarks.deep_ebm``: {s['data']} at {s['image_size']}x{s['image_size']}, "
+        f"EnergyNet(ch={cfg['ch']}, head_dim={cfg['head_dim']}), batch {cfg['batch']}, "
+        f"{cfg['iters']} iterations per method (methods interleaved per iteration); time: "
+        "median per iteration including the optimizer step; step memory: the peak of one "
+        "iteration above the baseline. The held-out exact SM loss after so few iterations "
+        "says little (see :doc:`benchmarks`).", "",
+        table(["method", "time / iter (ms)", "step memory (MiB)", "peak memory (MiB)",
+               "held-out exact SM"], rows),
+        "Ratios (the paper's, measured on GPUs, for comparison):", "",
+        table(["ratio", "time", "step memory", "paper: time", "paper: memory"], rrows),
+        _gpu_figure("deep_ebm", "Deep EBM table, on the device."),
+    ] if x is not None)
+
+
 # ----------------------------------------------------------------------------- index
 PAGES = [("fd_dsm", "FD-DSM along the residual against DSM and the paper's FD-DSM: learning "
           "curves, samples, cost, DKEF, NICE, OOD."),
@@ -720,7 +905,9 @@ PAGES = [("fd_dsm", "FD-DSM along the residual against DSM and the paper's FD-DS
          ("ncsn", "NCSN on 8x8 digits."),
          ("demo", "The 8x8 digits demo of the README."),
          ("benchmarks", "Time and memory per step: dimension, deep EBM, derivative order, "
-          "torch.compile, fused ops.")]
+          "torch.compile, fused ops."),
+         ("gpu", "The GPU check (python -m benchmarks.gpu_check): the GPU tests, the fused ops "
+          "on a GPU against the CPU, fused-op and deep-EBM benchmarks on a GPU.")]
 
 
 def render_index() -> str:
@@ -730,7 +917,9 @@ def render_index() -> str:
              "results file committed beside the page (``docs/results/*.json``, "
              "``benchmarks/results/full/*.json``), which records the command, machine, torch "
              "version, date, commit and convergence of its runs; a field that was never "
-             "recorded shows as \"not recorded\". All measurements ran on CPUs.", "",
+             "recorded shows as \"not recorded\". "
+             + ("All measurements ran on CPUs, except those of :doc:`gpu`."
+                if gpu_check_ran_on_a_gpu() else "All measurements ran on CPUs."), "",
              ".. toctree::", "   :hidden:", ""]
     lines += [f"   {name}" for name, _ in PAGES]
     lines += [""] + [f"- :doc:`{name}`: {text}" for name, text in PAGES]
@@ -1170,16 +1359,18 @@ def render_fd_dsm() -> tuple[str, list[str]]:
 
 # ----------------------------------------------------------------------------- main
 RENDERERS = {"fd_dsm": render_fd_dsm, "density": render_density, "deep_ebm": render_deep_ebm,
-             "ncsn": render_ncsn, "demo": render_demo, "benchmarks": render_benchmarks}
+             "ncsn": render_ncsn, "demo": render_demo, "benchmarks": render_benchmarks,
+             "gpu": render_gpu}
 
 
 def outputs() -> dict[Path, str]:
     """Every generated file and its fresh text (README.md only when it has the markers)."""
-    out = {RESULTS / "index.rst": render_index()}
+    out = {RESULTS / "index.rst": from_results(f"{rel(RESULTS)}/index.rst", render_index)}
     for name, fn in RENDERERS.items():
-        out[RESULTS / f"{name}.rst"] = fn()[0]
+        out[RESULTS / f"{name}.rst"] = from_results(f"{rel(RESULTS)}/{name}.rst", fn)[0]
     if README.exists():
-        text = readme_with_headline(README.read_text())
+        text = from_results("README.md's headline table",
+                            lambda: readme_with_headline(README.read_text()))
         if text is not None:
             out[README] = text
     return out
@@ -1192,14 +1383,25 @@ def main(argv=None) -> int:
                    help="collect-fd-dsm: the commit the runs were started from")
     args = p.parse_args(argv)
     os.chdir(ROOT)
+    try:
+        return _run(p, args)
+    except ResultsError as e:
+        p.error(str(e))
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.action == "collect-fd-dsm":
         if not args.code_commit:
             p.error("collect-fd-dsm needs --code-commit (the commit the runs started from)")
-        FD_DSM_DATA.write_text(json.dumps(collect_fd_dsm(args.code_commit), indent=1) + "\n")
+        data = from_results("collect-fd-dsm", lambda: collect_fd_dsm(args.code_commit))
+        FD_DSM_DATA.write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {rel(FD_DSM_DATA)}")
         return 0
     if args.action == "plot":
-        plot_fd_dsm_curves(load(FD_DSM_DATA), CURVES_PNG)
+        data = load(FD_DSM_DATA)
+        if data is None:
+            p.error(f"plot: no {rel(FD_DSM_DATA)}; run collect-fd-dsm first")
+        from_results("plot", lambda: plot_fd_dsm_curves(data, CURVES_PNG))
         print(f"wrote {rel(CURVES_PNG)}")
         return 0
     fresh = outputs()

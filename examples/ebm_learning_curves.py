@@ -228,7 +228,8 @@ def main(argv=None):
     def checkpoint(done: int) -> None:
         state = {"models": {m: models[m].state_dict() for m in methods},
                  "opts": {m: opts[m].state_dict() for m in methods}, "hist": hist,
-                 "step": done, "rng": seeding.get_rng_state(), "args": vars(args)}
+                 "step": done, "rng": seeding.get_rng_state(),
+                 "args": ckpt_lib.plain_args(args)}
         ckpt_lib.write_checkpoint(ckpt, state)
 
     def step(i: int) -> dict[str, float]:

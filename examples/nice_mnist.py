@@ -355,7 +355,8 @@ def plot_curves(path: str, results: list[dict]) -> None:
 
 
 def sample_grid(path: str, args, results: list[dict], side: int) -> None:
-    rows = [torch.load(os.path.join(args.out, r["method"], "samples.pt"))[:10] for r in results]
+    rows = [torch.load(os.path.join(args.out, r["method"], "samples.pt"),
+                       weights_only=True)[:10] for r in results]
     images = torch.cat(rows).reshape(-1, 1, side, side)
     title = "NICE samples, one row per method: " + ", ".join(LABELS[r["method"]]
                                                              for r in results)

@@ -82,8 +82,6 @@ def check_run(parser, folder: str) -> dict:
 
 def load_run(parser, folder: str):
     """(model, saved args, metrics.json or {}, training images) of a train_ebm.py folder."""
-    import json
-
     from fdsm_ext import geometric_sigmas
 
     state = check_run(parser, folder)
@@ -95,7 +93,7 @@ def load_run(parser, folder: str):
     model.load_state_dict(state["model"])
     a = dict(a, trained_steps=state["step"])
     mpath = os.path.join(folder, "metrics.json")
-    metrics = json.load(open(mpath)) if os.path.isfile(mpath) else {}
+    metrics = ckpt_lib.finished_result(mpath, lambda r: True) or {}  # unreadable: none
     return model.eval(), a, metrics, train_x
 
 

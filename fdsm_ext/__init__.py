@@ -7,7 +7,13 @@ from ._ops import has_cuda_kernels
 from .baselines import dsm_loss, exact_sm_loss, ssm_loss
 from .losses import fd_directional_derivative, fd_dsm_loss, fd_ssm_loss
 from .noise_conditional import geometric_sigmas, noise_conditional_loss
-from .precision import EpsSuggestion, FDPrecisionWarning, suggest_eps, unit_roundoff
+from .precision import (
+    EpsSuggestion,
+    FDPrecisionWarning,
+    suggest_eps,
+    suggest_step,
+    unit_roundoff,
+)
 from .sampling import annealed_langevin_dynamics, langevin_dynamics
 from .stencil import Stencil, fd_stencil
 
@@ -32,5 +38,6 @@ __all__ = [
     "noise_conditional_loss",
     "ssm_loss",
     "suggest_eps",
+    "suggest_step",
     "unit_roundoff",
 ]

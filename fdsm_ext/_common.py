@@ -56,6 +56,15 @@ def check_generator(generator: Any, fn: str) -> None:
         )
 
 
+def check_callable(model: Any, fn: str, name: str = "model") -> None:
+    """model: what the loss or sampler calls; checked before anything else is done with it."""
+    if not callable(model):
+        raise TypeError(
+            f"{fn}: {name} must be callable (a torch.nn.Module or function), "
+            f"got {type(model).__name__}"
+        )
+
+
 def check_x(x: Any, fn: str, finite_differences: bool) -> None:
     """x must be a floating tensor (B, *event_shape) with B >= 1 and d >= 1."""
     if not isinstance(x, Tensor):

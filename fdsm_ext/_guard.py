@@ -22,12 +22,17 @@ import torch
 from torch import Tensor
 
 THRESHOLD = 0.3
+# Above NOISE_LEVEL the message says plainly that the values are rounding noise: the ratio
+# stays of order 1 however small eps gets, because the values it divides by are then
+# rounding noise themselves (floor / mean |noise| stays near 1).
+NOISE_LEVEL = 0.5
 # The rounding of D's value understates that of its parameter gradient (the backward pass
 # of L(x~ +- eps a^) rounds too): an empirical factor, from float32 against float64 gradients
 # on an MLP and two conv energies (the precision guide, docs/guides/precision.rst, has the
 # measurement; docs/math.rst, section "Precision: the rounding floor", the floor).
 RESIDUAL_GRADIENT_FACTOR = 10.0
 _EAGER_CALLS = 8
+LARGER_EPS = "a larger eps (fdsm_ext.suggest_eps)"
 _EVERY = 64
 
 
@@ -60,21 +65,21 @@ unit_roundoff.__module__ = "fdsm_ext.precision"
 def guard_fd_ssm(
     fn: str, out: Tensor, per_sample: Tensor, scalar: bool, d: int, eps: float
 ) -> None:
-    def floor(u: float) -> Tensor:
+    def floor(u: float, out: Tensor) -> Tensor:
         if scalar:
             return u * out.abs().mean() * d / eps**2
         return u * out.reshape(out.shape[0], -1).norm(dim=1).mean() * math.sqrt(d) / eps
 
     what = "|L|*d/eps^2" if scalar else "||s||*sqrt(d)/eps"
-    _guard(fn, out, floor, per_sample, f"u*{what} with d={d}, eps={eps:g}", "a larger eps")
+    _guard(fn, out, floor, per_sample, f"u*{what} with d={d}, eps={eps:g}", LARGER_EPS)
 
 
 def guard_fd_dsm(fn: str, out: Tensor, per_sample: Tensor, d: int, eps: float) -> None:
-    def floor(u: float) -> Tensor:
+    def floor(u: float, out: Tensor) -> Tensor:
         e = u * out.abs().mean()
         return e * torch.sqrt(2 * d * per_sample.mean()) / eps + d * e**2 / (2 * eps**2)
 
-    _guard(fn, out, floor, per_sample, f"d={d}, eps={eps:g}", "a larger eps")
+    _guard(fn, out, floor, per_sample, f"d={d}, eps={eps:g}", LARGER_EPS)
 
 
 def guard_fd_dsm_residual(
@@ -82,11 +87,11 @@ def guard_fd_dsm_residual(
 ) -> None:
     """``out``: the model outputs at x~ +- eps a^; ``norm``: ||a||; ``slope``: D per sample."""
 
-    def floor(u: float) -> Tensor:
+    def floor(u: float, out: Tensor) -> Tensor:
         return RESIDUAL_GRADIENT_FACTOR * u * out.abs().mean() * norm.mean() / eps
 
     _guard(fn, out, floor, slope, f"{RESIDUAL_GRADIENT_FACTOR:g}*u*|L|*||a||/eps, eps={eps:g}",
-           "a larger eps")
+           LARGER_EPS)
 
 
 def guard_directional_derivative(
@@ -94,21 +99,23 @@ def guard_directional_derivative(
 ) -> None:
     norm = math.sqrt(sum(w * w for w in weights))
 
-    def floor(u: float) -> Tensor:
+    def floor(u: float, y: Tensor) -> Tensor:
         return u * norm * y.abs().mean()
 
-    _guard(fn, y, floor, result, f"order {order}, u*|f|*{norm:.3g}", "a larger ||v||")
+    _guard(fn, y, floor, result, f"order {order}, u*|f|*{norm:.3g}",
+           "a larger ||v|| (fdsm_ext.suggest_step)")
 
 
 def _guard(
     fn: str,
     out: Tensor,
-    floor: Callable[[float], Tensor],
+    floor: Callable[[float, Tensor], Tensor],
     value: Tensor,
     detail: str,
     remedy: str,
 ) -> None:
-    """Compare floor(u) with mean |value|; warn (once per call site) above THRESHOLD."""
+    """Compare floor(u, out) with mean |value|; warn (once per call site) above THRESHOLD.
+    ``out`` reaches ``floor`` widened to float32 if it is 16-bit (the floor may overflow)."""
     if torch.compiler.is_compiling() or (
         out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     ):
@@ -118,10 +125,13 @@ def _guard(
     if not _due(site):
         return
     u = unit_roundoff(out.dtype, out.device.type)
+    out = out.detach()
+    if out.dtype in (torch.float16, torch.bfloat16):  # the floor itself overflows float16
+        out = out.float()
     autocast = torch.is_autocast_enabled(out.device.type)
     precision = f"u={u:.2g}" + (" (autocast)" if autocast else f" ({out.dtype})")
     with torch.no_grad():
-        numbers = torch.stack([floor(u).float(), value.detach().abs().mean().float()])
+        numbers = torch.stack([floor(u, out).float(), value.detach().abs().mean().float()])
     context = (fn, site, precision, detail, remedy)
     if numbers.device.type != "cuda":
         _report(numbers.tolist(), context)
@@ -170,13 +180,20 @@ def _report(numbers: list[float], context: tuple) -> None:
     if not floor > THRESHOLD * scale or _calls.get(site[:2], 0) < 0:
         return
     _calls[site[:2]] = -1
-    ratio = "inf" if scale == 0 else f"{floor / scale:.2f}"
+    ratio = math.inf if scale == 0 else floor / scale
+    result = "derivative" if fn == "fd_directional_derivative" else "loss"
+    verdict = (
+        f"the per-sample values are dominated by rounding: the {result} is noise"
+        if ratio >= NOISE_LEVEL
+        else "rounding noise is a large part of the per-sample values"
+    )
     message = (
         f"{fn}: rounding noise of about {floor:.3g} per sample ({precision}, {detail}) "
-        f"against typical per-sample values of {scale:.3g}: ratio {ratio} (warns above "
-        f"{THRESHOLD}; near 1 the values are mostly rounding noise). Use {remedy} "
-        "(fdsm_ext.suggest_eps), float32 model outputs, or under autocast float32 last "
-        "layers (see fdsm_ext.precision). Warned once per call site."
+        f"against typical per-sample values of {scale:.3g} (ratio {ratio:.2f}): {verdict}. "
+        f"(Warns above {THRESHOLD}; from {NOISE_LEVEL} on the values are noise, and the "
+        "ratio then stays of order 1 however small the step, because the values it divides "
+        f"by are noise too.) Use {remedy}, float32 model outputs, or under autocast float32 "
+        "last layers (see fdsm_ext.precision). Warned once per call site."
     )
     filename, lineno, module = site
     warnings.warn_explicit(message, FDPrecisionWarning, filename, lineno, module)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._common import (
+    check_callable,
     check_choice,
     check_int,
     check_reduction_output,
@@ -57,6 +58,7 @@ def ssm_loss(
     :func:`fdsm_ext.fd_ssm_loss`.
     """
     fn = "ssm_loss"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=False)
     check_reduction_output(output, reduction, fn)
     check_choice("noise", noise, ("rademacher", "gaussian"), fn)
@@ -99,6 +101,7 @@ def dsm_loss(
     :func:`fdsm_ext.fd_ssm_loss`; for the same seed z is that of :func:`fdsm_ext.fd_dsm_loss`.
     """
     fn = "dsm_loss"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=False)
     check_reduction_output(output, reduction, fn)
     sigma = per_sample_sigma(sigma, x, fn)
@@ -132,6 +135,7 @@ def exact_sm_loss(
     ``model_args``, ``model_kwargs`` and ``shared`` as in :func:`fdsm_ext.fd_ssm_loss`.
     """
     fn = "exact_sm_loss"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=False)
     check_reduction_output(output, reduction, fn)
     batch, d = x.shape[0], x[0].numel()

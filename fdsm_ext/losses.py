@@ -21,6 +21,7 @@ from ._common import (
     SCALAR,
     ModelArgs,
     call_model,
+    check_callable,
     check_choice,
     check_int,
     check_positive,
@@ -98,6 +99,7 @@ def fd_ssm_loss(
     :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst).
     """
     fn = "fd_ssm_loss"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=True)
     check_positive("eps", eps, fn)
     check_reduction_output(output, reduction, fn)
@@ -188,6 +190,7 @@ def fd_dsm_loss(
     :doc:`the FD-DSM results </results/fd_dsm>` (docs/results/fd_dsm.rst).
     """
     fn = "fd_dsm_loss"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=True)
     check_positive("eps", eps, fn)
     check_choice("direction", direction, DSM_DIRECTIONS, fn)
@@ -304,10 +307,19 @@ def fd_directional_derivative(
     the faster the higher the order (the stencils: docs/math.rst,
     :ref:`section "General order-T stencils" <math-stencils>`). An
     :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that estimate
-    exceeds 0.3 of the mean absolute result. Measured errors:
+    exceeds 0.3 of the mean absolute result.
+
+    Choosing ||v||: for f varying on the length ``scale`` along v (``|g^(m)| ~ |f|/scale^m``,
+    g(t) = f(x + t v/||v||)), the relative error is about ``c (h/scale)^p + u ||beta||
+    (scale/h)^T`` at ``||v|| = h`` (T = ``order``, p = ``accuracy``, ``||beta||`` =
+    ``sqrt(sum beta_k^2)``, ``c = |sum_k beta_k gamma_k^(T+p)| / (T+p)!``), smallest at
+    ``h* = scale (T u ||beta|| / (p c))^(1/(T+p))``, which
+    :func:`fdsm_ext.suggest_step(order, accuracy, dtype, scale) <fdsm_ext.suggest_step>`
+    returns. The higher the order, the larger the step. Measured errors:
     :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst).
     """
     fn = "fd_directional_derivative"
+    check_callable(f, fn, name="f")
     check_x(x, fn, finite_differences=True)
     check_order_accuracy(order, accuracy, fn)
     if not isinstance(v, Tensor) or v.shape != x.shape or v.dtype != x.dtype:

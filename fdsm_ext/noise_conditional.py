@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import check_choice, check_int, check_positive, check_x, reduce
+from ._common import check_callable, check_choice, check_int, check_positive, check_x, reduce
 from ._random import LEVELS, NOISE, resolve_seed, standard_normal, stream, uniform_levels
 from .baselines import dsm_loss, ssm_loss
 from .losses import fd_dsm_loss, fd_ssm_loss
@@ -33,6 +33,27 @@ def geometric_sigmas(
     ratio = math.log(sigma_min / sigma_max) / (n_levels - 1)
     levels = torch.arange(n_levels, dtype=torch.float64)
     return torch.exp(math.log(sigma_max) + ratio * levels).float()
+
+
+def check_labels(labels: Tensor, n_levels: int, fn: str) -> None:
+    """Level indices in [0, n_levels). CPU labels are read here (an error naming the values);
+    reading CUDA labels back would sync every training step, so there the check is an
+    asynchronous device assert (torch._assert_async, no sync). Under torch.compile it is
+    skipped: the trace stays whole, and an index out of range still fails in sigmas[labels]."""
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    if labels.device.type != "cpu":
+        torch._assert_async(
+            torch.all((labels >= 0) & (labels < n_levels)),
+            f"{fn}: labels must be level indices in [0, {n_levels})",
+        )
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_levels:
+        raise ValueError(
+            f"{fn}: labels must be level indices in [0, {n_levels}) for the {n_levels} "
+            f"sigmas, got values from {low} to {high}"
+        )
 
 
 def noise_conditional_loss(
@@ -67,6 +88,7 @@ def noise_conditional_loss(
     <math-noise-conditional>`.
     """
     fn = "noise_conditional_loss"
+    check_callable(model, fn)
     check_choice("method", method, tuple(METHODS), fn)
     check_choice("condition", condition, CONDITIONS, fn)
     check_x(x, fn, finite_differences=False)
@@ -84,6 +106,8 @@ def noise_conditional_loss(
             + (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor)
                else type(labels).__name__)
         )
+    else:
+        check_labels(labels, len(sigmas), fn)
     reduction = estimator_kwargs.pop("reduction", "mean")
     check_choice("reduction", reduction, ("mean", "sum", "none"), fn)
     sigma = sigmas[labels]

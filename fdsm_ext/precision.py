@@ -1,4 +1,6 @@
-"""Rounding floor of finite-difference values: a per-call guard and an eps suggestion.
+"""Rounding floor of finite-difference values: a per-call guard, an eps suggestion for the
+FD losses (:func:`suggest_eps`) and a step suggestion for
+:func:`fdsm_ext.fd_directional_derivative` (:func:`suggest_step`).
 
 A finite difference subtracts nearly equal model outputs, so the rounding of those outputs
 is divided by a power of the step. Each output value y carries a rounding error of about
@@ -26,13 +28,15 @@ with ``|L|``, ``||s||``, ``|f|`` averaged over the stacked rows (derivations: do
 :ref:`section "Precision: the rounding floor" <math-precision>`). The guard compares the
 floor with the typical per-sample value (the mean of ``|per-sample loss|``, resp. of
 ``|derivative|``) and raises :class:`~fdsm_ext.FDPrecisionWarning` once per call site when the ratio
-exceeds ``THRESHOLD`` = 0.3. The floor overestimates the standard deviation of the rounding
-noise, so at the threshold rounding adds a small part to the variance of a per-sample
-value; above it the batch mean drifts too (the squared first difference picks up a bias of
-about ``d (u|L|)^2/(12 eps^2)``). Near 1 the per-sample values are mostly rounding noise
-(the ratio saturates there: the per-sample values it divides by are then noise
-themselves). The floor ignores the averaging over the batch, which reduces zero-mean noise
-by sqrt(B) but not that bias.
+exceeds ``THRESHOLD`` = 0.3. The floor estimates the size of the rounding noise of one
+per-sample value to within a small factor (the precision guide compares it with measured
+float32-against-float64 errors), so at the threshold the per-sample values are already
+noisy; above it the batch mean drifts too (the squared first difference picks up a bias of
+about ``d (u|L|)^2/(12 eps^2)``). From ``NOISE_LEVEL`` = 0.5 on, the warning says that the
+per-sample values are dominated by rounding and the loss is noise: the ratio cannot show
+more than that, since it stays of order 1 however small eps gets (the per-sample values it
+divides by are then rounding noise themselves). The floor ignores the averaging over the
+batch, which reduces zero-mean noise by sqrt(B) but not that bias.
 
 The guard cannot see inside the model: under autocast it charges the autocast u to all of
 ``|L|``, which overestimates the noise of a model whose last layer runs in float32 (check
@@ -62,6 +66,7 @@ from torch import Tensor
 # The guard lives in the private module _guard, which the losses import; this module adds
 # suggest_eps (which calls the losses) and is the public home of the names below.
 from ._guard import (  # noqa: F401  (re-exported; _calls: tests reset the per-site state)
+    NOISE_LEVEL,
     RESIDUAL_GRADIENT_FACTOR,
     THRESHOLD,
     FDPrecisionWarning,
@@ -69,8 +74,9 @@ from ._guard import (  # noqa: F401  (re-exported; _calls: tests reset the per-s
     unit_roundoff,
 )
 from .losses import fd_ssm_loss
+from .stencil import check_order_accuracy, fd_stencil
 
-__all__ = ["FDPrecisionWarning", "EpsSuggestion", "suggest_eps", "unit_roundoff"]
+__all__ = ["FDPrecisionWarning", "EpsSuggestion", "suggest_eps", "suggest_step", "unit_roundoff"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,3 +165,40 @@ def suggest_eps(
     eps = (power * rounding / (2 * abs(truncation))) ** (1 / (power + 2))
     eps = min(max(eps, steps[-1]), eps_max)
     return EpsSuggestion(eps, truncation, rounding, u)
+
+
+# ---------------------------------------------------------------------------------------
+# The step of fd_directional_derivative: truncation c (h/scale)^p against rounding
+# u ||beta|| (scale/h)^T, both relative to the derivative.
+
+
+def suggest_step(
+    order: int, accuracy: int = 2, dtype: torch.dtype = torch.float32, scale: float = 1.0
+) -> float:
+    """A step ``||v||`` for :func:`fdsm_ext.fd_directional_derivative` of ``order`` T and
+    ``accuracy`` p, for a function that varies on the length ``scale`` along v.
+
+    With (gamma, beta) = ``fd_stencil(T, p)`` and g(t) = f(x + t v^), v^ = v/||v||, the
+    stencil's result at step h relative to ``g^(T)`` carries
+
+    * truncation ``c (h/scale)^p``, ``c = |sum_k beta_k gamma_k^(T+p)| / (T+p)!`` (the first
+      moment the stencil does not cancel), taking ``|g^(m)| ~ |f| / scale^m``;
+    * rounding ``u sqrt(sum_k beta_k^2) (scale/h)^T``, u = ``torch.finfo(dtype).eps / 2``
+      (the floor of :mod:`fdsm_ext.precision`, each f value rounded by about u*|f|).
+
+    Their sum is smallest at ``h* = scale * (T u sqrt(sum beta^2) / (p c))^(1/(T+p))``,
+    where the relative error is about ``(1 + p/T) c (h*/scale)^p``. Higher orders want larger
+    steps: the rounding term grows like ``h^-T``. Derivation: docs/math.rst,
+    :ref:`section "General order-T stencils" <math-stencils>`; the precision guide
+    (docs/guides/precision.rst) has an example.
+    """
+    fn = "suggest_step"
+    check_order_accuracy(order, accuracy, fn)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{fn}: scale must be a finite number > 0, got {scale!r}")
+    offsets, weights = fd_stencil(order, accuracy)
+    moment = abs(sum(w * g ** (order + accuracy) for g, w in zip(offsets, weights)))
+    c = float(moment) / math.factorial(order + accuracy)
+    b = math.sqrt(sum(float(w) ** 2 for w in weights))
+    u = torch.finfo(dtype).eps / 2
+    return scale * (order * u * b / (accuracy * c)) ** (1 / (order + accuracy))

@@ -13,6 +13,7 @@ from ._common import (
     OUTPUTS,
     ModelArgs,
     call_model,
+    check_callable,
     check_choice,
     check_generator,
     check_int,
@@ -77,6 +78,7 @@ def langevin_dynamics(
     the final samples (detached).
     """
     fn = "langevin_dynamics"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=False)
     check_int("n_steps", n_steps, 0, fn)
     check_positive("step_size", step_size, fn)
@@ -115,6 +117,7 @@ def annealed_langevin_dynamics(
     level's noise (Tweedie). Returns the final samples (detached).
     """
     fn = "annealed_langevin_dynamics"
+    check_callable(model, fn)
     check_x(x, fn, finite_differences=False)
     check_int("n_steps_each", n_steps_each, 1, fn)
     check_positive("step_lr", step_lr, fn)

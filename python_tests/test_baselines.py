@@ -71,12 +71,54 @@ def test_exact_sm_matches_torch_func_hessian_trace(output):
     torch.testing.assert_close(loss, expected)
 
 
-def test_exact_sm_create_graph_gives_parameter_gradients():
-    mlp = MLP(3)
-    loss = exact_sm_loss(mlp, torch.randn(5, 3, dtype=torch.float64), create_graph=True,
-                         output="log_density")
-    loss.backward()
-    assert mlp.net[0].weight.grad is not None and mlp.net[0].weight.grad.abs().sum() > 0
+@pytest.mark.parametrize("output", ["log_density", "energy"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_exact_sm_create_graph_gradient_is_the_closed_form(output, chunk_size):
+    """L(x) = -1/2 x^T A x + b^T x with a free (non-symmetric) parameter A: the score is
+    s = -S x + b, S = (A + A^T)/2, and J = mean 1/2 ||s||^2 - tr A, so
+    dJ/db = mean s and dJ/dA = -mean (s x^T + x s^T)/2 - I."""
+    d = 5
+    quad = QuadraticLogDensity(d)
+    with torch.no_grad():
+        quad.A.add_(0.3 * torch.randn(d, d, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(7)))
+    model = quad if output == "log_density" else (lambda y: -quad(y))
+    x = torch.randn(6, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    loss = exact_sm_loss(model, x, create_graph=True, output=output, chunk_size=chunk_size)
+    grad_a, grad_b = torch.autograd.grad(loss, [quad.A, quad.b])
+    with torch.no_grad():
+        sym = (quad.A + quad.A.T) / 2
+        s = -x @ sym + quad.b
+        torch.testing.assert_close(loss, (0.5 * (s * s).sum(1)).mean() - torch.trace(quad.A))
+        outer = (s[:, :, None] * x[:, None, :]).mean(0)
+        torch.testing.assert_close(grad_b, s.mean(0))
+        torch.testing.assert_close(grad_a, -(outer + outer.T) / 2 - torch.eye(d).double())
+
+
+def test_exact_sm_create_graph_gradient_of_an_mlp_matches_torch_func():
+    """A non-quadratic model: the parameter gradient against torch.func (reverse over
+    reverse over reverse on the closed form 1/2 ||grad L||^2 + tr Hess L, per sample)."""
+    d = 3
+    mlp = MLP(d, seed=4)
+    x = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    params = dict(mlp.named_parameters())
+    loss = exact_sm_loss(mlp, x, create_graph=True, output="log_density")
+    # allow_unused: the last bias shifts L by a constant, which no score depends on.
+    got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+    def j_sm(p):
+        def logp(xi):
+            return torch.func.functional_call(mlp, p, (xi[None],))[0]
+
+        g = torch.func.vmap(torch.func.grad(logp))(x)
+        h = torch.func.vmap(torch.func.jacrev(torch.func.grad(logp)))(x)
+        return (0.5 * (g * g).sum(1) + torch.diagonal(h, dim1=1, dim2=2).sum(1)).mean()
+
+    expected = torch.func.grad(j_sm)(params)
+    for name, g in zip(params, got, strict=True):
+        torch.testing.assert_close(torch.zeros_like(expected[name]) if g is None else g,
+                                   expected[name])
+    assert sum(g is not None and g.abs().sum() > 0 for g in got) >= 3
 
 
 def test_exact_sm_in_high_dimension_is_chunked():

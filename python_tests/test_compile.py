@@ -114,7 +114,7 @@ def test_compiled_draws_a_fresh_key_per_call_and_per_loss():
     assert len(set(eager.flatten().tolist())) == 4
 
 
-def test_compiled_seed_changes_without_recompiling_the_draws():
+def test_compiled_seed_changes_the_draws():
     model = mlp_energy().double()
     x = torch.randn(8, 6, dtype=torch.float64)
     step = torch.compile(lambda x, s: fd_ssm_loss(model, x, output="energy", seed=s),
@@ -122,6 +122,46 @@ def test_compiled_seed_changes_without_recompiling_the_draws():
     for s in (1, 2, 3):
         seed = torch.tensor(s)
         torch.testing.assert_close(step(x, seed), fd_ssm_loss(model, x, output="energy", seed=s))
+
+
+SEED_KINDS = {
+    "tensor": (lambda s: torch.tensor(s), 1),  # a graph input: never recompiles
+    "tensor_2^40": (lambda s: torch.tensor(2**40 + s), 1),
+    "int": (int, 2),  # specialised, then one recompile makes it dynamic
+    "none": (None, 1),  # the key is drawn inside the graph
+}
+
+
+@pytest.mark.parametrize("kind", SEED_KINDS)
+def test_recompile_count_per_seed_kind(kind):
+    """Graphs compiled for 7 seed values, counted twice: by a counting backend (the frames
+    it is handed) and by dynamo's own counters. docs/guides/compile.rst states the same."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    make_seed, expected = SEED_KINDS[kind]
+    model = mlp_energy().double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()
+    if make_seed is None:
+        step = torch.compile(lambda x: fd_ssm_loss(model, x, output="energy"),
+                             fullgraph=True, backend=backend)
+        for s in range(7):
+            torch.manual_seed(s)
+            loss = step(x)
+            torch.manual_seed(s)
+            torch.testing.assert_close(loss, fd_ssm_loss(model, x, output="energy"))
+    else:
+        step = torch.compile(lambda x, s: fd_ssm_loss(model, x, output="energy", seed=s),
+                             fullgraph=True, backend=backend)
+        for s in range(7):
+            seed = make_seed(s)
+            torch.testing.assert_close(step(x, seed),
+                                       fd_ssm_loss(model, x, output="energy", seed=seed))
+    assert backend.frame_count == expected
+    assert counters["stats"]["unique_graphs"] == expected
 
 
 def test_generator_under_compile_says_to_pass_seed():

@@ -13,7 +13,16 @@ import os
 import pytest
 import torch
 from helpers import philox_normal
-from test_examples import common, load_script, run, run_killed
+from test_examples import (
+    assert_methods_differ,
+    assert_same_loss,
+    common,
+    load_script,
+    loss_and_grads,
+    read_ckpt,
+    run,
+    run_killed,
+)
 
 from fdsm_ext import reference
 
@@ -59,6 +68,53 @@ def test_dkef_quadratic_terms_reproduce_library_loss(dkef, method):
                                 create_graph=False, seed=seed, **kw)
         quad = 0.5 * alpha @ G @ alpha + b @ alpha
         torch.testing.assert_close(loss - base, quad.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_dkef_method_is_the_library_loss_it_names(dkef):
+    """dkef_uci's method_loss (the training and validation loss of every --methods entry)
+    equals the library loss it names on log p~(.; alpha): value and gradients with respect
+    to the network, the inducing points, the bandwidths and alpha; no two methods agree."""
+    import fdsm_ext
+
+    dkef_uci = load_script(DKEF_SCRIPT)
+    model = small_model(dkef)
+    alpha = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = [*model.parameters(), alpha]
+
+    def logp(y):
+        return model.log_density(y, alpha)
+
+    direct = {
+        ("exact", "residual"): lambda g: fdsm_ext.exact_sm_loss(
+            logp, x, output="log_density", create_graph=True),
+        ("ssm", "residual"): lambda g: fdsm_ext.ssm_loss(
+            logp, x, variance_reduction=False, n_projections=2, output="log_density",
+            generator=g),
+        ("ssm_vr", "residual"): lambda g: fdsm_ext.ssm_loss(
+            logp, x, variance_reduction=True, n_projections=2, output="log_density",
+            generator=g),
+        ("fd_ssm", "residual"): lambda g: fdsm_ext.fd_ssm_loss(
+            logp, x, eps=0.1, variance_reduction=True, n_projections=2,
+            output="log_density", generator=g),
+        ("dsm", "residual"): lambda g: fdsm_ext.dsm_loss(logp, x, 0.3, output="log_density",
+                                                         generator=g),
+        ("fd_dsm", "residual"): lambda g: fdsm_ext.fd_dsm_loss(
+            logp, x, 0.3, eps=0.1, direction="residual", output="log_density", generator=g),
+        ("fd_dsm", "random"): lambda g: fdsm_ext.fd_dsm_loss(
+            logp, x, 0.3, eps=0.1, direction="random", n_projections=2,
+            output="log_density", generator=g),
+    }
+    assert {m for m, _ in direct} == set(dkef_uci.METHODS)
+    results = {}
+    for (method, direction), fn in direct.items():
+        got = loss_and_grads(dkef.method_loss(
+            method, model, alpha, x, torch.Generator().manual_seed(4), eps=0.1, sigma=0.3,
+            n_projections=2, fd_dsm_direction=direction), params)
+        want = loss_and_grads(fn(torch.Generator().manual_seed(4)), params)
+        assert_same_loss(got, want)
+        results[method, direction] = got
+    assert_methods_differ(results)
 
 
 @pytest.mark.parametrize("fd, exact", [("fd_ssm", "exact"), ("ssm", "exact"),
@@ -265,6 +321,57 @@ def test_nice_fd_dsm_residual_is_the_library_loss_with_dsm_value(nice):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+# nice_mnist --methods (and --fd-dsm-direction): the library loss of flow.log_prob
+def _nice_direct(key, flow, x, g):
+    import fdsm_ext
+
+    kw = {"output": "log_density", "generator": g}
+    return {
+        ("mle", "residual"): lambda: -flow.log_prob(x).mean(),
+        ("ssm", "residual"): lambda: fdsm_ext.ssm_loss(
+            flow.log_prob, x, variance_reduction=False, n_projections=2, **kw),
+        ("ssm_vr", "residual"): lambda: fdsm_ext.ssm_loss(
+            flow.log_prob, x, variance_reduction=True, n_projections=2, **kw),
+        ("fd_ssm", "residual"): lambda: fdsm_ext.fd_ssm_loss(
+            flow.log_prob, x, eps=0.1, variance_reduction=True, n_projections=2, **kw),
+        ("dsm", "residual"): lambda: fdsm_ext.dsm_loss(flow.log_prob, x, 0.2, **kw),
+        ("fd_dsm", "residual"): lambda: fdsm_ext.fd_dsm_loss(
+            flow.log_prob, x, 0.2, eps=0.1, direction="residual", **kw),
+        ("fd_dsm", "random"): lambda: fdsm_ext.fd_dsm_loss(
+            flow.log_prob, x, 0.2, eps=0.1, direction="random", n_projections=2, **kw),
+        ("exact", "residual"): lambda: fdsm_ext.exact_sm_loss(
+            flow.log_prob, x, output="log_density", create_graph=True),
+    }[key]()
+
+
+NICE_KEYS = [("mle", "residual"), ("ssm", "residual"), ("ssm_vr", "residual"),
+             ("fd_ssm", "residual"), ("dsm", "residual"), ("fd_dsm", "residual"),
+             ("fd_dsm", "random"), ("exact", "residual")]
+
+
+def test_nice_method_is_the_library_loss_it_names(nice):
+    """Loss and parameter gradients of every --methods entry equal the direct library call
+    (same flow, batch, generator); no two methods agree."""
+    assert {m for m, _ in NICE_KEYS} == set(nice.METHODS)
+    torch.manual_seed(0)
+    flow = nice.NICE(6, hidden=5, depth=3).double()
+    with torch.no_grad():
+        flow.log_scale.normal_(0, 0.3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    params = list(flow.parameters())
+    results = {}
+    for key in NICE_KEYS:
+        method, direction = key
+        got = loss_and_grads(nice.method_loss(
+            method, flow, x, torch.Generator().manual_seed(3), eps=0.1, sigma=0.2,
+            n_projections=2, fd_dsm_direction=direction), params)
+        want = loss_and_grads(_nice_direct(key, flow, x, torch.Generator().manual_seed(3)),
+                              params)
+        assert_same_loss(got, want)
+        results[key] = got
+    assert_methods_differ(results)
+
+
 def test_nice_smoke(tmp_path):
     out = str(tmp_path / "nice")
     run(NICE_SCRIPT, "--limit", "300", "--test-limit", "50", "--hidden", "16", "--depth", "2",
@@ -286,3 +393,51 @@ def test_nice_smoke(tmp_path):
     assert "fd_ssm: resumed at step 4" in more.stdout
     assert [r["steps"] for r in json.load(open(os.path.join(out, "metrics.json")))["runs"]] \
         == [8, 8]
+
+
+def test_nice_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    """A NICE run killed mid-way (after its step-2 checkpoint) and resumed ends bit for bit
+    where an uninterrupted run ends: parameters, Adam state, losses, held-out NLLs, the best
+    model, exact SM, samples. The killed method is the first; the second starts fresh."""
+    args = ["--methods", "fd_ssm", "dsm", "--limit", "300", "--test-limit", "50", "--hidden",
+            "16", "--depth", "2", "--epochs", "2", "--batch-size", "64", "--eval-every", "2",
+            "--ckpt-every", "2", "--sm-subset", "2", "--timing-rounds", "0", "--threads", "1",
+            "--no-progress"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run(NICE_SCRIPT, *args, "--out", full, timeout=300)
+    run_killed(NICE_SCRIPT, *args, "--out", part, after_step=3, timeout=300)
+    assert read_ckpt(os.path.join(part, "fd_ssm"))["state"]["step"] == 2
+    assert not os.path.exists(os.path.join(part, "metrics.json"))
+    resumed = run(NICE_SCRIPT, *args, "--out", part, "--resume", timeout=300)
+    assert "fd_ssm: resumed at step 2" in resumed.stdout
+
+    timing = ("seconds_per_iteration", "train_seconds", "interleaved_timing", "peak_rss_mb",
+              "peak_cuda_mb")
+    ma = json.load(open(os.path.join(full, "metrics.json")))["runs"]
+    mb = json.load(open(os.path.join(part, "metrics.json")))["runs"]
+    assert [r["method"] for r in ma] == [r["method"] for r in mb] == ["fd_ssm", "dsm"]
+    for ra, rb in zip(ma, mb):
+        assert ra["steps"] == rb["steps"] == 8
+        assert {k: v for k, v in ra.items() if k not in timing} == \
+            {k: v for k, v in rb.items() if k not in timing}
+    for method in ("fd_ssm", "dsm"):
+        a = read_ckpt(os.path.join(full, method))
+        b = read_ckpt(os.path.join(part, method))
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k]), (method, k)
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for k in sa[i]:
+                assert torch.equal(sa[i][k], sb[i][k]), (method, i, k)
+        ta, tb = a["state"], b["state"]
+        assert ta["step"] == tb["step"] == 8
+        assert ta["train"] == tb["train"] and ta["val"] == tb["val"]
+        # curve: (step, training seconds, test NLL, bits/dim); the seconds are wall clock
+        assert [c[:1] + c[2:] for c in ta["curve"]] == [c[:1] + c[2:] for c in tb["curve"]]
+        assert (ta["best_step"], ta["best_val_nll"]) == (tb["best_step"], tb["best_val_nll"])
+        for k, v in ta["best_model"].items():
+            assert torch.equal(v, tb["best_model"][k]), (method, "best", k)
+        assert torch.equal(
+            torch.load(os.path.join(full, method, "samples.pt"), weights_only=True),
+            torch.load(os.path.join(part, method, "samples.pt"), weights_only=True))

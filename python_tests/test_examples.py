@@ -87,7 +87,7 @@ def common(name):
 
 
 def read_ckpt(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
 
 
 # --------------------------------------------------------------------------- smoke runs
@@ -119,22 +119,128 @@ def test_ncsn_smoke(tmp_path, condition):
     assert np.isfinite(m["final_heldout_dsm_loss"])
 
 
-@pytest.mark.parametrize("method, condition", [
-    ("ssm", "label"), ("ssm_vr", "label"), ("exact", "label"), ("fd_dsm", "label"),
-    ("dsm", "label"), ("exact", "sigma"), ("fd_dsm", "sigma")])
-def test_ebm_loss_methods_step(method, condition):
-    """Every --method gives a finite loss with gradients for the noise-conditional energy."""
-    ebm = load_script(EBM)
+# --------------------------------------------------------------------------- --method by value
+# Each script's method name gives the loss of the library function it names: on a fixed
+# float64 model, batch and generator, the script's loss and its parameter gradients equal a
+# direct call of that function (value alone cannot tell fd_dsm along the residual from dsm:
+# same value, FD against autograd gradient). Each method's result also differs from every
+# other method's, so a swapped mapping cannot pass.
+def loss_and_grads(loss, params):
+    """[loss, d loss / d p for p in params] (zeros for a parameter the loss does not use)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [loss.detach()] + [torch.zeros_like(p) if g is None else g
+                              for p, g in zip(params, grads, strict=True)]
+
+
+def assert_same_loss(got, want):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, i=i: f"{'loss' if i == 0 else f'grad {i}'}: {m}")
+
+
+def assert_methods_differ(results):
+    """No two methods give the same loss and gradients (the value tests can tell them apart)."""
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert any(not torch.allclose(u, v, rtol=1e-6, atol=1e-9)
+                       for u, v in zip(results[a], results[b], strict=True)), (a, b)
+
+
+EPS, N_PROJ = 0.1, 2
+# train_ebm --method (and --fd-dsm-direction): noise_conditional_loss(output="energy", ...)
+EBM_DIRECT = {
+    ("fd_ssm", "residual"): {"method": "fd_ssm", "eps": EPS, "variance_reduction": True,
+                             "n_projections": N_PROJ},
+    ("ssm", "residual"): {"method": "ssm", "variance_reduction": False,
+                          "n_projections": N_PROJ},
+    ("ssm_vr", "residual"): {"method": "ssm", "variance_reduction": True,
+                             "n_projections": N_PROJ},
+    ("dsm", "residual"): {"method": "dsm"},
+    ("fd_dsm", "residual"): {"method": "fd_dsm", "eps": EPS, "direction": "residual"},
+    ("fd_dsm", "random"): {"method": "fd_dsm", "eps": EPS, "direction": "random",
+                           "n_projections": N_PROJ},
+    ("exact", "residual"): None,  # sigma_i^2-weighted exact_sm_loss, below
+}
+
+
+def _ebm_fixture(condition):
     models = common("models")
     torch.manual_seed(0)
-    sigmas = torch.tensor([1.0, 0.1, 0.01])
-    net = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas, condition=condition)
-    x = torch.rand(4, 1, 8, 8)
-    loss = ebm.make_loss(method, sigmas, 0.1, condition=condition)(
-        net, x, torch.Generator().manual_seed(0))
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    sigmas = torch.tensor([1.0, 0.3, 0.1], dtype=torch.float64)
+    net = models.EnergyNet(image_size=8, ch=8, sigmas=sigmas, condition=condition).double()
+    with torch.no_grad():  # conditioning that matters (the FiLM layer starts at zero)
+        torch.nn.init.normal_(net.film.mlp[-1].weight if condition == "sigma"
+                              else net.film.weight, std=0.1)
+    return net, sigmas, torch.rand(4, 1, 8, 8, dtype=torch.float64)
+
+
+def _ebm_direct(key, net, x, sigmas, condition, seed):
+    import fdsm_ext
+
+    g = torch.Generator().manual_seed(seed)
+    if EBM_DIRECT[key] is not None:
+        return fdsm_ext.noise_conditional_loss(net, x, sigmas, output="energy",
+                                               condition=condition, generator=g,
+                                               **EBM_DIRECT[key])
+    # exact: a level and Gaussian noise per sample from g, then exact_sm_loss per sample
+    labels = torch.randint(len(sigmas), (len(x),), generator=g)
+    xt = x + sigmas[labels].view(-1, 1, 1, 1) * torch.randn(x.shape, generator=g,
+                                                            dtype=x.dtype)
+    cond = labels if condition == "label" else sigmas[labels]
+    per = fdsm_ext.exact_sm_loss(net, xt, cond, output="energy", create_graph=True,
+                                 reduction="none")
+    return (sigmas[labels] ** 2 * per).mean()
+
+
+@pytest.mark.parametrize("condition", ["label", "sigma"])
+def test_ebm_method_is_the_library_loss_it_names(condition):
+    ebm = load_script(EBM)
+    assert {method for method, _ in EBM_DIRECT} == set(ebm.METHODS)
+    net, sigmas, x = _ebm_fixture(condition)
+    params = list(net.parameters())
+    results = {}
+    for key in EBM_DIRECT:
+        method, direction = key
+        loss_fn = ebm.make_loss(method, sigmas, EPS, N_PROJ, condition, direction)
+        got = loss_and_grads(loss_fn(net, x, torch.Generator().manual_seed(5)), params)
+        want = loss_and_grads(_ebm_direct(key, net, x, sigmas, condition, 5), params)
+        assert_same_loss(got, want)
+        assert all(torch.isfinite(t).all() for t in got)
+        results[key] = got
+    assert_methods_differ(results)
+
+
+# train_ncsn --method: noise_conditional_loss(output="score", ...)
+NCSN_DIRECT = {
+    "fd_ssm": {"method": "fd_ssm", "eps": EPS, "variance_reduction": True},
+    "ssm_vr": {"method": "ssm", "variance_reduction": True},
+    "dsm": {"method": "dsm"},
+}
+
+
+@pytest.mark.parametrize("condition", ["label", "sigma"])
+def test_ncsn_method_is_the_library_loss_it_names(condition):
+    import fdsm_ext
+
+    ncsn = load_script(NCSN)
+    models = common("models")
+    assert set(NCSN_DIRECT) == set(ncsn.METHODS)
+    torch.manual_seed(0)
+    sigmas = torch.tensor([1.0, 0.3, 0.1], dtype=torch.float64)
+    net = models.ScoreNet(sigmas, ch=8, condition=condition).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    params = list(net.parameters())
+    results = {}
+    for method, kw in NCSN_DIRECT.items():
+        loss_fn = ncsn.make_loss(method, sigmas, EPS, condition)
+        got = loss_and_grads(loss_fn(net, x, torch.Generator().manual_seed(5)), params)
+        want = loss_and_grads(fdsm_ext.noise_conditional_loss(
+            net, x, sigmas, output="score", condition=condition,
+            generator=torch.Generator().manual_seed(5), **kw), params)
+        assert_same_loss(got, want)
+        results[method] = got
+    assert_methods_differ(results)
 
 
 @pytest.mark.parametrize("condition", ["label", "sigma"])
@@ -180,20 +286,6 @@ def test_sigma_conditioned_network_is_the_label_network_with_an_embedded_table(n
     torch.testing.assert_close(by_sigma(x, sigmas[labels]), by_label(x, labels))
     # A level between the trained ones is accepted and gives a different output.
     assert not torch.allclose(by_sigma(x, torch.full((4,), 0.2)), by_sigma(x, sigmas[labels]))
-
-
-@pytest.mark.parametrize("method, condition", [("ssm_vr", "label"), ("dsm", "label"),
-                                               ("dsm", "sigma")])
-def test_ncsn_loss_methods_step(method, condition):
-    ncsn = load_script(NCSN)
-    models = common("models")
-    torch.manual_seed(0)
-    sigmas = torch.tensor([1.0, 0.1, 0.01])
-    net = models.ScoreNet(sigmas, ch=8, condition=condition)
-    loss = ncsn.make_loss(method, sigmas, 0.1, condition)(net, torch.rand(4, 1, 8, 8),
-                                                          torch.Generator().manual_seed(0))
-    loss.backward()
-    assert torch.isfinite(loss)
 
 
 # --------------------------------------------------------------------------- resume
@@ -431,7 +523,7 @@ def test_save_keeps_the_previous_checkpoint(tmp_path):
         checkpoint.save_checkpoint(path, model=model, optimizer=opt, step=step, history={},
                                  args=args)
     assert read_ckpt(str(tmp_path))["step"] == 3
-    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["step"] == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
 
 
@@ -455,7 +547,7 @@ def test_resume_falls_back_to_previous_checkpoint_and_matches_uninterrupted(tmp_
     run(EBM, *args, "--out", full)
     run_killed(EBM, *args, "--out", part, after_step=4)
     latest, prev = (os.path.join(part, n) for n in ("checkpoint.pt", "checkpoint.prev.pt"))
-    assert read_ckpt(part)["step"] == 4 and torch.load(prev, weights_only=False)["step"] == 2
+    assert read_ckpt(part)["step"] == 4 and torch.load(prev, weights_only=True)["step"] == 2
     _truncate(latest)
 
     resumed = run(EBM, *args, "--out", part, "--resume")
@@ -468,7 +560,7 @@ def test_resume_falls_back_to_previous_checkpoint_and_matches_uninterrupted(tmp_
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     # The damaged file was not rotated in: the previous checkpoint is the good one of step 4.
-    assert torch.load(prev, weights_only=False)["step"] == 4
+    assert torch.load(prev, weights_only=True)["step"] == 4
 
 
 def test_resume_with_both_checkpoints_damaged_is_one_clear_line(tmp_path):

@@ -14,7 +14,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_examples import EBM, TINY_EBM, common, load_script
+from test_examples import (
+    EBM,
+    TINY_EBM,
+    assert_methods_differ,
+    assert_same_loss,
+    common,
+    load_script,
+    loss_and_grads,
+)
 from test_examples import run as _run
 
 OOD = "examples.ood_detection"
@@ -206,8 +214,8 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
         assert np.isfinite(r["final_heldout_exact_sm"]) and np.isfinite(r["final_heldout_dsm"])
         assert r["ms_per_iteration"] > 0
     assert os.path.getsize(os.path.join(full, "learning_curves.png")) > 0
-    a = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+    a = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
     for meth in a["models"]:
         for k, v in a["models"][meth].items():
             assert torch.equal(v, b["models"][meth][k]), (meth, k)
@@ -215,8 +223,8 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
     # Continuing only the DSM pair gives that pair's values of the full run.
     run(CURVES, "--steps", "6", "--out", full, "--resume", *TINY_CURVES)
     run(CURVES, "--steps", "6", "--out", part, "--resume", "--pairs", "dsm", *TINY_CURVES)
-    c = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=False)
-    d = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+    c = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=True)
+    d = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
     assert set(d["models"]) == {"dsm", "fd_dsm", "fd_dsm_residual"}
     for meth in d["models"]:
         for k, v in c["models"][meth].items():
@@ -237,18 +245,67 @@ def test_learning_curves_smoke_and_exact_resume(tmp_path):
                                                           c["hist"]["fd_dsm_residual"]["eval_sm"]]
 
 
+def test_learning_curves_method_is_the_library_loss_it_names():
+    """examples.common.losses.energy_loss (the learning curves' loss per method, noise from
+    torch's global generator) equals the library loss it names under the same global seed:
+    value and parameter gradients; no two methods agree. with_noise (the noisy SSM pair)
+    is the loss on x + sigma z with z drawn first from the same generator."""
+    import fdsm_ext
+
+    losses, models = common("losses"), common("models")
+    curves = load_script(CURVES)
+    torch.manual_seed(0)
+    net = models.EnergyNet(image_size=8, ch=8).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    params = list(net.parameters())
+    sigma, eps, e = 0.3, 0.1, {"output": "energy"}
+    direct = {
+        "dsm": lambda: fdsm_ext.dsm_loss(net, x, sigma, **e),
+        "fd_dsm": lambda: fdsm_ext.fd_dsm_loss(net, x, sigma, eps=eps, direction="random",
+                                               **e),
+        "fd_dsm_residual": lambda: fdsm_ext.fd_dsm_loss(net, x, sigma, eps=eps,
+                                                        direction="residual", **e),
+        "ssm": lambda: fdsm_ext.ssm_loss(net, x, variance_reduction=False, **e),
+        "ssm_vr": lambda: fdsm_ext.ssm_loss(net, x, variance_reduction=True, **e),
+        "fd_ssm": lambda: fdsm_ext.fd_ssm_loss(net, x, eps=eps, variance_reduction=True, **e),
+    }
+    assert set(direct) == set(losses.ENERGY_METHODS)
+    assert set(curves.PAIRS["ssm"]) | set(curves.PAIRS["dsm"]) <= set(direct)
+
+    def seeded(fn, *args):
+        torch.manual_seed(7)
+        return fn(*args)
+
+    results = {}
+    for method, fn in direct.items():
+        loss = losses.energy_loss(method, sigma, eps)
+        got = loss_and_grads(seeded(loss, net, x), params)
+        assert_same_loss(got, loss_and_grads(seeded(fn), params))
+        results[method] = got
+    assert_methods_differ(results)
+
+    noisy = curves.with_noise(losses.energy_loss("fd_ssm", sigma, eps), 0.05)
+
+    def by_hand():
+        xt = x + 0.05 * torch.randn_like(x)
+        return fdsm_ext.fd_ssm_loss(net, xt, eps=eps, **e)
+
+    assert_same_loss(loss_and_grads(seeded(noisy, net, x), params),
+                     loss_and_grads(seeded(by_hand), params))
+
+
 def test_learning_curves_noisy_ssm_pair_alone(tmp_path):
     out = str(tmp_path / "ssm")
     args = ("--steps", "2", "--out", out, "--pairs", "ssm", "--ssm-sigma", "0.1", *TINY_CURVES)
     run(CURVES, *args)
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m["methods"]) == {"ssm", "fd_ssm"}
-    h = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["hist"]
+    h = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["hist"]
     assert h["ssm"]["eval_sm"][0] == h["fd_ssm"]["eval_sm"][0]  # same init, same noisy images
     # The clean run's held-out loss at step 0 is the same model on images without the noise.
     clean = str(tmp_path / "clean")
     run(CURVES, "--steps", "2", "--out", clean, "--pairs", "ssm", *TINY_CURVES)
-    hc = torch.load(os.path.join(clean, "checkpoint.pt"), weights_only=False)["hist"]
+    hc = torch.load(os.path.join(clean, "checkpoint.pt"), weights_only=True)["hist"]
     assert hc["ssm"]["eval_sm"][0][1] != h["ssm"]["eval_sm"][0][1]
     bad = run(CURVES, "--steps", "4", "--out", out, "--resume", "--pairs", "ssm", *TINY_CURVES,
               check=False)

@@ -2,6 +2,7 @@
 closed form."""
 
 import contextlib
+import math
 import warnings
 
 import pytest
@@ -11,13 +12,17 @@ from torch import nn
 
 from fdsm_ext import (
     FDPrecisionWarning,
+    _guard,
     exact_sm_loss,
     fd_directional_derivative,
     fd_dsm_loss,
     fd_ssm_loss,
+    fd_stencil,
     suggest_eps,
+    suggest_step,
     unit_roundoff,
 )
+from fdsm_ext.precision import _calls
 
 D = 8
 
@@ -197,3 +202,213 @@ def test_suggested_eps_under_autocast_is_accurate_and_quiet():
     with pytest.warns(FDPrecisionWarning):
         at_small = sum(fd(model, x, 0.05, autocast=True, seed=k) for k in range(4)) / 4
     assert abs(at_suggested - exact) < 0.1 * abs(at_small - exact), (at_suggested, exact)
+
+
+def along_a_line(kind: str):
+    """f(y) = sin(a.y) or exp(a.y): along a unit direction w, g(t) = f(x + t w) has
+    g^(T)(0) = k^T sin(a.x + T pi/2), resp. k^T exp(a.x), with k = a.w."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, dtype=torch.float64, generator=gen)
+    a = torch.randn(5, dtype=torch.float64, generator=gen)
+    w = torch.randn(64, 5, dtype=torch.float64, generator=gen)
+    w = w / w.norm(dim=1, keepdim=True)
+    k, z = w @ a, x @ a
+    if kind == "sin":
+        return (x, w, k, (lambda y: torch.sin(y @ a)),
+                (lambda T: k**T * torch.sin(z + T * math.pi / 2)))
+    return x, w, k, (lambda y: torch.exp(y @ a)), (lambda T: k**T * torch.exp(z))
+
+
+def predicted_error(order: int, accuracy: int, dtype: torch.dtype) -> float:
+    """(1 + p/T) c (h*/scale)^p, the relative error suggest_step's docstring states."""
+    offsets, weights = fd_stencil(order, accuracy)
+    c = abs(float(sum(w * g ** (order + accuracy) for g, w in zip(offsets, weights))))
+    c /= math.factorial(order + accuracy)
+    return (1 + accuracy / order) * c * suggest_step(order, accuracy, dtype) ** accuracy
+
+
+@pytest.mark.parametrize("kind", ["sin", "exp"])
+@pytest.mark.parametrize("accuracy, bound", [(2, 3e-4), (4, 3e-6)])
+def test_suggested_step_reaches_the_stated_accuracy_for_orders_1_to_6(kind, accuracy, bound):
+    """float64, per sample ||v|| = suggest_step(T, p, scale=1/|k|): the relative error of
+    orders 1..6 stays within 3 times the predicted (1 + p/T) c (h/scale)^p, and within
+    ``bound`` (the largest prediction, order 6: 1.5e-4 for p = 2, 7.2e-7 for p = 4)."""
+    x, w, k, f, exact = along_a_line(kind)
+    for order in range(1, 7):
+        h = torch.tensor([suggest_step(order, accuracy, torch.float64, scale=1 / abs(kk))
+                          for kk in k.tolist()], dtype=torch.float64)
+        with no_precision_warning():
+            approx = fd_directional_derivative(f, x, h[:, None] * w, order=order,
+                                               accuracy=accuracy)
+        expected = h**order * exact(order)
+        error = ((approx - expected).norm() / expected.norm()).item()
+        predicted = predicted_error(order, accuracy, torch.float64)
+        assert error < 3 * predicted and error < bound, (order, error, predicted)
+
+
+def test_suggested_step_balances_truncation_and_rounding():
+    """Orders 4 and 6 (accuracy 2, float64): a step 10 times smaller (rounding ~ h^-T) and
+    one 10 times larger (truncation ~ h^2) are both over 20 times less accurate."""
+    x, w, k, f, exact = along_a_line("sin")
+    for order in (4, 6):
+        best = suggest_step(order, 2, torch.float64, scale=1 / k.abs().max().item())
+        errors = []
+        for h in (best, best / 10, best * 10):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FDPrecisionWarning)
+                approx = fd_directional_derivative(f, x, h * w, order=order)
+            expected = h**order * exact(order)
+            errors.append(((approx - expected).norm() / expected.norm()).item())
+        assert min(errors[1:]) > 20 * errors[0], (order, errors)
+
+
+def test_suggest_step_formula_and_arguments():
+    """h* = scale (T u ||beta|| / (p c))^(1/(T+p)); larger for coarser dtypes and higher
+    orders; bad arguments refused."""
+    u = 2.0**-53
+    # order 1, accuracy 2: beta = (-1/2, 1/2) at (-1, 1), c = |(-1/2)(-1)^3 + 1/2| / 3! = 1/6
+    expected = (1 * u * math.sqrt(0.5) / (2 / 6)) ** (1 / 3)
+    assert suggest_step(1, 2, torch.float64) == pytest.approx(expected, rel=1e-12)
+    assert suggest_step(1, 2, torch.float64, scale=3.0) == pytest.approx(3 * expected)
+    steps = [suggest_step(order, 2, torch.float32) for order in range(1, 7)]
+    assert steps == sorted(steps)
+    assert suggest_step(2, 2, torch.bfloat16) > suggest_step(2, 2, torch.float32)
+    with pytest.raises(ValueError, match="suggest_step: accuracy must be an even integer"):
+        suggest_step(2, 3)
+    with pytest.raises(ValueError, match="suggest_step: scale must be a finite number > 0"):
+        suggest_step(2, 2, scale=0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The guard's floor against the measured rounding error, across eps and precisions: FD-SSM
+# of energy_mlp() in float32 (resp. under bfloat16 autocast, resp. with float16 outputs)
+# against the same model in float64 with the SAME directions (seed), so that the difference
+# is rounding only (the truncation is the same).
+
+GUARD_GRID = {
+    "float32": (1e-5, 1e-4, 1e-3, 1.5e-3, 2e-3, 2.5e-3, 4e-3, 1e-2, 0.1, 1.0),
+    "bfloat16 autocast": (1e-3, 1e-2, 0.1, 0.3, 0.5, 0.6, 0.7, 1.0),
+    "float16 outputs": (1e-5, 1e-3, 1e-2, 0.1, 0.2, 0.3, 1.0),
+}
+UNIT = {"float32": 2.0**-24, "bfloat16 autocast": 2.0**-8, "float16 outputs": 2.0**-11}
+
+
+class HalfOutputs(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).half()
+
+
+@pytest.fixture(scope="module")
+def guard_measurements():
+    """Per (precision, eps): the guard's floor u*mean|E|*d/eps^2, its ratio, whether it
+    warned and its message, and the measured per-sample rms error and batch-mean error
+    relative to the typical float64 per-sample value."""
+    model = energy_mlp()
+    model64 = Energy(15.0).double()
+    model64.load_state_dict(model.state_dict())
+    x = batch(256)
+    with torch.no_grad():
+        size = model(x).abs().mean().item()
+    rows, seen = [], []
+    report = _guard._report
+
+    def recording_report(numbers, context):  # the guard's own (floor, typical value)
+        seen.append(numbers)
+        report(numbers, context)
+
+    _guard._report = recording_report
+    try:
+        for precision, grid in GUARD_GRID.items():
+            for eps in grid:
+                seen.clear()
+                exact = fd_ssm_loss(model64, x.double(), eps=eps, output="energy", seed=3,
+                                    reduction="none")
+                _calls.clear()  # a fresh guard for every call
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", FDPrecisionWarning)
+                    with torch.autocast("cpu", dtype=torch.bfloat16,
+                                        enabled=precision == "bfloat16 autocast"):
+                        got = fd_ssm_loss(HalfOutputs(model) if precision == "float16 outputs"
+                                          else model, x, eps=eps, output="energy", seed=3,
+                                          reduction="none").double()
+                (_, _), (floor, value) = seen  # float64 call, then this one
+                rows.append(measure(precision, eps, floor, value, got, exact, caught))
+    finally:
+        _guard._report = report
+    for row in rows:  # the documented floor u*mean|E|*d/eps^2, E at x (the guard: x, x +- v)
+        row["formula"] = UNIT[row["precision"]] * size * D / row["eps"] ** 2
+    return rows
+
+
+def measure(precision, eps, floor, value, got, exact, caught):
+    error, typical = got - exact, exact.abs().mean().item()
+    return {"precision": precision, "eps": eps, "floor": floor,
+            "ratio": floor / max(value, 1e-300),
+            "warned": bool(caught), "message": str(caught[0].message) if caught else "",
+            "rms": error.pow(2).mean().sqrt().item() / typical,
+            "bias": abs(error.mean().item()) / typical,
+            "floor/rms": floor / max(error.pow(2).mean().sqrt().item(), 1e-300)}
+
+
+def test_guard_warns_exactly_above_its_threshold(guard_measurements):
+    for row in guard_measurements:
+        assert row["warned"] == (row["ratio"] > 0.3), row
+
+
+def test_guard_floor_against_the_measured_error(guard_measurements):
+    """The guard's floor is u*mean|E|*d/eps^2; floor / (measured per-sample rms error), at
+    every eps from 1e-5 to 1:
+
+    * float32: 0.4 .. 0.8 (measured 0.50 .. 0.61): the floor charges the rounding of the
+      output only and misses that of the inputs x +- v and of the layers, so it
+      underestimates the noise by a factor of about 1.8;
+    * float16 outputs: 0.7 .. 1.2 (measured 0.84 .. 0.93) while the outputs still differ
+      (eps >= 1e-2); at smaller eps the outputs coincide and the floor exceeds the error;
+    * bfloat16 autocast: 1.5 .. 8 (measured 2.4 .. 4.8) for eps >= 0.1, and above 1
+      everywhere: conservative, the float32 last layer rounds less than u_bf16*|E|."""
+    for row in guard_measurements:
+        assert row["floor"] == pytest.approx(row["formula"], rel=0.05), row
+        ratio, precision, eps = row["floor/rms"], row["precision"], row["eps"]
+        if precision == "float32":
+            assert 0.4 < ratio < 0.8, row
+        elif precision == "float16 outputs":
+            assert (0.7 < ratio < 1.2) if eps >= 1e-2 else ratio > 1, row
+        else:
+            assert (1.5 < ratio < 8) if eps >= 0.1 else ratio > 1, row
+
+
+def test_guard_quiet_means_small_error_and_warning_means_large(guard_measurements):
+    """Relative to the typical per-sample value: where the guard is quiet, the per-sample
+    rms error is below 0.5 (measured at most 0.41, float32 at ratio 0.24) and the batch-mean
+    error below 0.05 (0.033); where it warns, the per-sample rms error is above 0.15
+    (measured at least 0.15, bfloat16 at ratio 0.41; float32 0.79, float16 outputs 0.37).
+    Within each precision every warned case is worse than every quiet one, and both sides
+    are measured near the threshold (ratios in 0.2 .. 0.3 and 0.3 .. 0.5)."""
+    for precision in GUARD_GRID:
+        rows = [r for r in guard_measurements if r["precision"] == precision]
+        quiet = [r for r in rows if not r["warned"]]
+        warned = [r for r in rows if r["warned"]]
+        assert all(r["rms"] < 0.5 and r["bias"] < 0.05 for r in quiet), quiet
+        assert all(r["rms"] > 0.15 for r in warned), warned
+        assert max(r["rms"] for r in quiet) < min(r["rms"] for r in warned), precision
+        assert any(0.1 < r["ratio"] <= 0.3 for r in quiet), precision
+        assert any(0.3 < r["ratio"] < 0.5 for r in warned), precision
+
+
+def test_guard_message_says_when_the_values_are_noise(guard_measurements):
+    """From a ratio of 0.5 on the message says plainly that the loss is noise (the ratio
+    itself saturates: float32 at eps 1e-5 and 1e-4, a relative error of 10^2 .. 10^4, shows
+    a ratio of about 1); below, that rounding is a large part."""
+    for row in guard_measurements:
+        if not row["warned"]:
+            continue
+        noise = "the per-sample values are dominated by rounding: the loss is noise"
+        assert (noise in row["message"]) == (row["ratio"] >= 0.5), row
+        if row["ratio"] < 0.5:
+            assert "rounding noise is a large part of the per-sample values" in row["message"]
+    tiny = [r for r in guard_measurements if r["precision"] == "float32" and r["eps"] <= 1e-4]
+    assert all(r["rms"] > 100 and r["ratio"] < 2 for r in tiny), tiny

@@ -16,6 +16,7 @@ from fdsm_ext import (
     noise_conditional_loss,
     ssm_loss,
 )
+from fdsm_ext import _ops as ops
 
 X = torch.randn(4, 3)
 
@@ -146,3 +147,39 @@ def test_half_precision_model_outputs_accumulate_in_float32():
         loss = fd_ssm_loss(lambda y: mlp(y.bfloat16().float()).bfloat16(), torch.randn(8, 3),
                            output="log_density")
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_float32_accumulation_beats_float16_accumulation():
+    """d = 3072 (CIFAR-sized), a score model returning float16: the per-sample FD-SSM losses
+    (sums over d of float16 products) against a float64 reference on the SAME float16 outputs
+    and directions. The library's float32 accumulation is within 2e-5 of the reference
+    (relative to the mean |loss|; measured 5e-6); the same sums accumulated in float16 (every
+    partial sum rounded to float16, as a float16 reduction would) are off by over 1 % (measured
+    7.5 %), over 1000 times more."""
+    d, batch, eps, seed = 3072, 16, 0.1, 3
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(0))
+    outputs = []
+
+    def score(y):
+        s = (-y + 0.3 * torch.sin(2 * y)).half()
+        outputs.append(s)
+        return s
+
+    loss = fd_ssm_loss(score, x, eps=eps, output="score", reduction="none", seed=seed)
+    assert loss.dtype == torch.float32
+    _, v = ops.random_stencil_batch(x, torch.tensor([seed]), (1.0, -1.0), 1, "sphere", eps)
+    (h,) = outputs
+    scale = d / (2 * eps**2)
+    s_plus, s_minus = h[:batch].double(), h[batch:].double()
+    reference = (0.125 * ((s_plus + s_minus) ** 2).sum(1)
+                 + scale * (v.double() * (s_plus - s_minus)).sum(1))
+    squares, dots = (h[:batch] + h[batch:]) ** 2, v.half() * (h[:batch] - h[batch:])
+    sum_squares = sum_dots = torch.zeros(batch, dtype=torch.float16)
+    for j in range(d):
+        sum_squares, sum_dots = sum_squares + squares[:, j], sum_dots + dots[:, j]
+    half = 0.125 * sum_squares.double() + scale * sum_dots.double()
+    size = reference.abs().mean()
+    error32 = ((loss.double() - reference).abs().max() / size).item()
+    error16 = ((half - reference).abs().max() / size).item()
+    assert error32 < 2e-5, error32
+    assert error16 > 1e-2 and error16 > 1000 * error32, (error16, error32)

@@ -4,6 +4,14 @@ Files are written to a temporary file in the same folder, fsynced, then os.repla
 previous checkpoint is kept as checkpoint.prev.pt (rotated before the new one takes its
 place), so ``--resume`` falls back to it, with a message, when checkpoint.pt is damaged or
 missing; a damaged file is moved aside to checkpoint.pt.damaged.
+
+Checkpoints load with ``torch.load(path, weights_only=True)``: reading one never runs code.
+They hold only tensors and plain Python values (dicts, lists, tuples, str, int, float, bool,
+None): state dicts, the step, histories, the RNG states as tensors
+(:func:`.seeding.get_rng_state`) and the options as plain values (:func:`plain_args`). A file
+that refers to any other Python object (a checkpoint written before this format, whose NumPy
+RNG state was a pickled array, or a file planted in the run folder) is refused with
+:class:`UnsafeCheckpointError`, and --resume does not fall back past it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -32,6 +43,23 @@ RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be read (truncated, overwritten, not a checkpoint)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that only unsafe unpickling could read (it names Python globals to call)."""
+
+
+def plain_args(args: argparse.Namespace | dict) -> dict:
+    """The options as plain values (str, int, float, bool, None, lists of them), as stored in
+    checkpoints; any other value becomes its str()."""
+    def plain(v):
+        if v is None or isinstance(v, (str, bool, int, float)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v)
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {str(k): plain(v) for k, v in items}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -74,24 +102,56 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torch.optim
     """Model, optimizer, step, history, global RNG states and options (:data:`CKPT_KEYS`)."""
     write_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": step, "history": history, "rng": get_rng_state(),
-                            "args": vars(args)})
+                            "args": plain_args(args)})
 
 
 def save_run_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    state: dict, args: argparse.Namespace) -> None:
     """Model, optimizer, the script's own loop ``state`` and options (:data:`STATE_CKPT_KEYS`)."""
     write_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "state": state, "args": vars(args)})
+                            "state": state, "args": plain_args(args)})
 
 
 # ----------------------------------------------------------------------------- reading
-def load_checkpoint(path: str, map_location, keys: tuple[str, ...] = CKPT_KEYS) -> dict:
-    """torch.load a checkpoint holding ``keys``; any failure is a one-line CheckpointError."""
+def _unsafe_globals(path: str, err: Exception) -> list[str]:
+    """The Python globals a file refused by the weights-only unpickler would call (read from
+    the file without running anything); empty when it is not that kind of refusal."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch.save zip file: the old format names one in the error
+        names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(err))
+    return sorted(set(names))
+
+
+def _unsafe_message(path: str, names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    if all(n.startswith("numpy.") for n in names):
+        return (f"{path} was not loaded: it was written by an older version of these examples, "
+                f"whose NumPy RNG state ({shown}) needs more than weights_only=True "
+                "unpickling; start the run again without --resume, or convert the file once "
+                "(it reads NumPy arrays only) with: python -m examples.common.checkpoint "
+                f"--convert {path}")
+    return (f"{path} was not loaded: it refers to Python code ({shown}) that unpickling "
+            "would run, so it is not a checkpoint these examples wrote; remove it (and do "
+            "not load it elsewhere), then run without --resume to start again from step 0")
+
+
+def load_checkpoint(path: str, map_location, keys: tuple[str, ...] = CKPT_KEYS) -> dict:
+    """torch.load (weights_only=True) a checkpoint holding ``keys``; any failure is a one-line
+    CheckpointError, and a file that needs unsafe unpickling an UnsafeCheckpointError."""
+    try:
+        with warnings.catch_warnings():  # a foreign pickle protocol: refused below anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated: OSError/RuntimeError; garbage: ValueError/Unpickling
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise CheckpointError(f"{path} is damaged ({reason[:200]})") from e
+        if isinstance(e, pickle.UnpicklingError):
+            names = _unsafe_globals(path, e)
+            if names:
+                raise UnsafeCheckpointError(_unsafe_message(path, names)) from None
+            reason = "not a file torch.save wrote, or one that cannot be read safely"
+        else:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise CheckpointError(f"{path} is damaged ({reason})") from e
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise CheckpointError(f"{path} is not a checkpoint of these examples (missing keys)")
     return state
@@ -114,6 +174,8 @@ def load_for_resume(folder: str, map_location, *, is_main: bool, log: Callable =
     if os.path.exists(latest):
         try:
             return load_checkpoint(latest, map_location, keys), latest
+        except UnsafeCheckpointError:
+            raise  # never fall back past such a file: someone has to look at it
         except CheckpointError as e:
             problem = str(e)
     if not os.path.exists(previous):
@@ -121,6 +183,8 @@ def load_for_resume(folder: str, map_location, *, is_main: bool, log: Callable =
                               "run without --resume to start again from step 0")
     try:
         state = load_checkpoint(previous, map_location, keys)
+    except UnsafeCheckpointError:
+        raise
     except CheckpointError as e:
         raise CheckpointError(f"{problem}, and so is the previous one: {e}; run without "
                               "--resume to start again from step 0") from None
@@ -145,8 +209,9 @@ def resume_or_none(parser: argparse.ArgumentParser, folder: str, map_location, *
 def check_resume_args(p: argparse.ArgumentParser, saved: dict, args: argparse.Namespace,
                       keys: tuple[str, ...] = RESUME_MUST_MATCH) -> None:
     """An argument error when an option in ``keys`` differs from the checkpoint's."""
+    ours = plain_args({k: getattr(args, k, None) for k in keys})  # as a checkpoint holds them
     for k in keys:
-        if k in saved and getattr(args, k, None) != saved[k]:
+        if k in saved and ours[k] != saved[k]:
             p.error(f"--resume: checkpoint was made with --{k.replace('_', '-')} {saved[k]}, "
                     f"this run has {getattr(args, k, None)}")
 
@@ -172,6 +237,94 @@ def finished_result(path: str, complete: Callable[[dict], bool]) -> dict | None:
     current one, which then resumes from its checkpoint."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        result = json.load(f)
-    return result if complete(result) else None
+    try:  # a file that is not such a result (edited, cut short by a full disk): run again
+        with open(path) as f:
+            result = json.load(f)
+        return result if isinstance(result, dict) and complete(result) else None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- old checkpoints
+def _old_numpy_globals() -> list[tuple]:
+    """Exactly the NumPy globals, as ``(object, name in the file)``, that a checkpoint of the
+    older format refers to (its NumPy RNG state was a pickled uint32 array): array
+    reconstruction, no other code."""
+    import importlib
+
+    import numpy as np
+
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy >= 2
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    uint32 = type(np.dtype(np.uint32))
+    return [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype"),
+            (uint32, f"numpy.dtypes.{uint32.__name__}"),
+            (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def convert_old_checkpoint(path: str) -> None:
+    """Rewrite, in place, a checkpoint of the older format (NumPy RNG state as a pickled
+    array) in the current one. Still with weights_only=True: only the NumPy array globals of
+    :func:`_old_numpy_globals` are allowed, so a file that refers to anything else is refused
+    without running it."""
+    import numpy as np
+
+    from .seeding import plain_rng_state
+
+    allowed = _old_numpy_globals()
+    allowed_names = {name for _, name in allowed}
+    try:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a torch.save checkpoint ({type(e).__name__})") \
+            from None
+    if not needed <= allowed_names:
+        raise UnsafeCheckpointError(_unsafe_message(path, sorted(needed - allowed_names)))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})"[:300]) from None
+    if not isinstance(state, dict) or "args" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of these examples (missing keys)")
+    if "rng" in state:
+        state["rng"] = plain_rng_state(state["rng"])
+    state["args"] = plain_args(state["args"])
+
+    def plain(v):  # any other NumPy value left in the file (none known) as a tensor
+        if isinstance(v, np.ndarray):
+            return torch.from_numpy(v.copy())
+        if isinstance(v, dict):
+            return type(v)((k, plain(x)) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return type(v)(plain(x) for x in v)
+        return v
+
+    state = plain(state)
+    atomic_write(path, lambda f: torch.save(state, f))
+    load_checkpoint(path, "cpu", keys=())  # now readable with weights_only=True
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m examples.common.checkpoint",
+        description="Convert, once and in place, checkpoints written by an older version of "
+                    "these examples (NumPy RNG states as pickled arrays) to the current format, "
+                    "which loads with torch.load(weights_only=True). Nothing in the files is "
+                    "run: only NumPy's array reconstruction is allowed while reading them.")
+    p.add_argument("--convert", nargs="+", required=True, metavar="PATH",
+                   help="checkpoint files (OUT/checkpoint.pt, OUT/checkpoint.prev.pt)")
+    args = p.parse_args(argv)
+    for path in args.convert:
+        try:
+            convert_old_checkpoint(path)
+        except (CheckpointError, OSError) as e:
+            p.error(str(e))
+        print(f"converted {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -128,17 +128,36 @@ def load_or_train(dataset: str, data_dir: str | None = None, *, cache_dir: str =
     train_x, train_y = train_x[:max_train], train_y[:max_train]
     path = os.path.join(cache_dir, f"classifier_{dataset}_{len(train_x)}_{steps}.pt")
     if os.path.exists(path):
-        state = torch.load(path, weights_only=False)
-        model = SmallCNN(train_x.shape[1])
-        model.load_state_dict(state["model"])
-        return model.eval(), state["info"]
+        found = _read_cache(path, train_x.shape[1])
+        if found is not None:
+            return found
+        log(f"the classifier cache {path} cannot be read safely (damaged, or written by an "
+            "older version of these examples); training it again")
     log(f"training the {dataset} classifier ({len(train_x)} images, {steps} steps) -> {path}")
     model = train_classifier(train_x, train_y, steps=steps)
     mu, cov = feature_stats(features(model, train_x))
     info = {"dataset": dataset, "n_train": len(train_x), "steps": steps,
             "test_accuracy": accuracy(model, test_x, test_y), "train_mu": mu, "train_cov": cov}
-    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info}, f))
+    # Tensors and plain values only, so that the cache loads with weights_only=True.
+    stored = dict(info, train_mu=torch.from_numpy(mu), train_cov=torch.from_numpy(cov))
+    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": stored}, f))
     return model, info
+
+
+def _read_cache(path: str, in_ch: int) -> tuple[SmallCNN, dict] | None:
+    """The cached ``(model, info)`` at ``path``, read with weights_only=True (nothing in the
+    file is run); None when the file is damaged, of an older format (NumPy arrays, which need
+    unsafe unpickling) or not such a cache: the caller trains the classifier again."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = SmallCNN(in_ch)
+        model.load_state_dict(state["model"])
+        info = dict(state["info"])
+        info["train_mu"] = info["train_mu"].numpy()
+        info["train_cov"] = info["train_cov"].numpy()
+    except Exception:  # any unreadable cache is rebuilt, never unpickled
+        return None
+    return model.eval(), info
 
 
 # ----------------------------------------------------------------------------- the metric

@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
@@ -44,14 +45,23 @@ class DataError(Exception):
 def read_idx(path: str) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed, chosen by a ``.gz`` suffix)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated gzip, unreadable
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise DataError(f"{path}: cannot be read ({reason})") from None
     if len(raw) < 4:
         raise DataError(f"{path}: not an IDX file (too short)")
     zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or type_code not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     header_end = 4 + 4 * ndim
+    if len(raw) < header_end:
+        raise DataError(f"{path}: truncated IDX header (it promises {ndim} dimensions, "
+                        f"the file has {len(raw)} bytes)")
     shape = struct.unpack(f">{ndim}I", raw[4:header_end])
     dtype = _IDX_DTYPES[type_code]
     count = int(np.prod(shape, dtype=np.int64))

@@ -54,17 +54,41 @@ def seed_everything(seed: int) -> None:
 
 
 def get_rng_state() -> dict:
-    """The global RNG states (torch, CUDA, numpy, random), as stored in checkpoints."""
+    """The global RNG states (torch, CUDA, numpy, random), as stored in checkpoints: tensors
+    and plain Python values only, so that a checkpoint loads with weights_only=True."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return plain_rng_state(state)
+
+
+def plain_rng_state(state: dict) -> dict:
+    """``state`` with the NumPy state (a tuple holding a uint32 array) and the Python state
+    (a tuple of 625 ints) as dicts of int64 tensors and numbers; a state already in that form
+    is returned unchanged. :func:`set_rng_state` reads this form."""
+    out = dict(state)
+    if isinstance(state["numpy"], tuple):  # np.random.get_state(): (name, key, pos, has_gauss,
+        name, key, pos, has_gauss, gauss = state["numpy"]  # cached_gaussian)
+        out["numpy"] = {"name": str(name),
+                        "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    if isinstance(state["python"], tuple):  # random.getstate(): (version, internal, gauss)
+        version, internal, gauss_next = state["python"]
+        out["python"] = {"version": int(version),
+                         "internal": torch.tensor(internal, dtype=torch.int64),
+                         "gauss_next": None if gauss_next is None else float(gauss_next)}
+    return out
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the global RNG states that :func:`get_rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()),
+                     py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
