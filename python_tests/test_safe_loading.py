@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_examples import _KILL_AFTER  # the crash-after-step-N wrapper of the resume tests
 
 from examples.common import checkpoint, classifier, seeding
 
@@ -28,27 +29,6 @@ EBM = "examples.train_ebm"
 TINY_EBM = ["--limit", "64", "--batch-size", "16", "--threads", "1", "--width", "8",
             "--n-samples", "16", "--no-progress", "--eval-size", "16", "--n-sigmas", "3",
             "--n-steps-each", "2"]
-
-# A crash right after step N (after that step's checkpoint), as in test_examples.py.
-_KILL_AFTER = """
-import os, runpy, sys
-from examples.common import loop
-
-after, module = int(sys.argv[1]), sys.argv[2]
-real_run = loop.run
-
-def crash(done):
-    if done == after:
-        os._exit(17)
-
-def run(step, *, hooks=(), **kw):
-    return real_run(step, hooks=[*hooks, loop.Hook(after, crash)], **kw)
-
-loop.run = run
-sys.argv = [module, *sys.argv[3:]]
-runpy.run_module(module, run_name="__main__", alter_sys=True)
-"""
-
 
 def run(*args, check=True, module=EBM, killed_after=None):
     cmd = [sys.executable, "-m", module, *args]
