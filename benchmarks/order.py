@@ -9,6 +9,7 @@ times with ``create_graph=True``. Both are followed by a backward to the paramet
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,16 +60,35 @@ def build(method: str, config: dict, device: str):
     return step
 
 
-def accuracy(config: dict, order: int) -> float:
-    """Relative error of the FD derivative against autograd, in float64 (8 samples)."""
+def accuracy(config: dict, order: int) -> dict:
+    """Relative error of the FD derivative against float64 autograd (8 samples), at the steps
+    ``fdsm_ext.suggest_step`` gives for float64 and float32, and in float32 at the timing
+    runs' fixed step. ``suggest_step`` needs the length on which f varies along v; here it is
+    the effective one, ``(mean |f| / mean |g^(T)|)^(1/T)`` from the exact derivative (an
+    energy with a large value and a small curvature along v varies slowly)."""
     cfg = dict(config, batch=8)
     torch.manual_seed(0)
     model = MLPEnergy(cfg["d"], cfg["hidden"]).double()
-    x, v = _inputs(cfg, "cpu", torch.float64)
-    v = v * 0.2  # ||v|| = 0.02: truncation ~ ||v||^2, round-off ~ 1e-16 / ||v||^T
-    fd = fdsm_ext.fd_directional_derivative(model, x, v, order=order).detach()
-    ag = nested_autograd(model, x, v, order).detach()
-    return float((fd - ag).norm() / ag.norm().clamp_min(1e-300))
+    x, u = _inputs(dict(cfg, step=1.0), "cpu", torch.float64)  # u: unit directions
+    exact = nested_autograd(model, x, u, order).detach()  # d^T/dt^T f(x + t u), ||u|| = 1
+    scale = float((model(x).detach().abs().mean() / exact.abs().mean()) ** (1 / order))
+
+    def rel_error(h: float, dtype: torch.dtype) -> float:
+        m = MLPEnergy(cfg["d"], cfg["hidden"]).to(dtype)
+        m.load_state_dict(model.state_dict())
+        fd = fdsm_ext.fd_directional_derivative(m, x.to(dtype), (h * u).to(dtype),
+                                                order=order).detach().double() / h**order
+        return float((fd - exact).norm() / exact.norm().clamp_min(1e-300))
+
+    h64 = fdsm_ext.suggest_step(order, dtype=torch.float64, scale=scale)
+    h32 = fdsm_ext.suggest_step(order, dtype=torch.float32, scale=scale)
+    with warnings.catch_warnings():  # the fixed step is meant to show the guard's case
+        warnings.simplefilter("ignore", fdsm_ext.FDPrecisionWarning)
+        fixed = rel_error(cfg["step"], torch.float32)
+    return {"scale": scale, "step_float64": h64, "error_float64": rel_error(h64, torch.float64),
+            "step_float32": h32, "error_float32": rel_error(h32, torch.float32),
+            "fixed_step": cfg["step"], "error_float32_fixed_step": fixed,
+            "stencil_points": len(fdsm_ext.fd_stencil(order)[0])}
 
 
 def run(quick: bool, outdir: Path, device: str, threads: int | None = None) -> Section:
@@ -78,16 +98,21 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None) -> S
     print(f"[order] orders {cfg['orders']}", flush=True)
     res = measure("benchmarks.order:build", config, methods, device=device,
                   warmup=cfg["warmup"], rounds=cfg["rounds"], reps=cfg["reps"], threads=threads)
+    acc = {str(t): accuracy(config, t) for t in cfg["orders"]}
     rows = []
     for t in cfg["orders"]:
-        fd, ag = res[f"fd:{t}"], res[f"ag:{t}"]
-        k = len(fdsm_ext.fd_stencil(t)[0])
-        rows.append([str(t), str(k), fd.time_ms, ag.time_ms, ratio(fd.time_ms, ag.time_ms),
-                     fd.step_mib, ag.step_mib, ratio(fd.step_mib, ag.step_mib),
-                     accuracy(config, t)])
+        fd, ag, a = res[f"fd:{t}"], res[f"ag:{t}"], acc[str(t)]
+        rows.append([str(t), str(a["stencil_points"]), fd.time_ms, ag.time_ms,
+                     ratio(fd.time_ms, ag.time_ms), fd.step_mib, ag.step_mib,
+                     ratio(fd.step_mib, ag.step_mib), a["scale"], a["step_float32"],
+                     a["error_float32"], a["error_float32_fixed_step"], a["step_float64"],
+                     a["error_float64"]])
     head = ["order T", "stencil points K", "FD time (ms)", "autograd time (ms)",
             "FD / autograd time", "FD memory (MiB)", "autograd memory (MiB)",
-            "FD / autograd memory", "FD rel. error (float64, norm(v)=0.02)"]
+            "FD / autograd memory", "length scale along v", "suggested step, float32",
+            "FD rel. error there",
+            f"FD rel. error, float32, step {cfg['step']}", "suggested step, float64",
+            "FD rel. error there"]
     errors = [f"{m}: {r.error}" for m, r in res.items() if r.error]
     md = [
         "## 3. Derivative order: one stacked FD call against nested autograd\n",
@@ -103,6 +128,7 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None) -> S
     ]
     _plot(rows, outdir / "order.png")
     data = {m: vars(r) for m, r in res.items()}
+    data["accuracy"] = acc
     return Section("order", "Derivative order", "\n".join(md), [], data)
 
 

@@ -654,7 +654,7 @@ def render_order(b: dict) -> str:
              d[f"fd:{T}"]["time_ms"] / d[f"ag:{T}"]["time_ms"], d[f"fd:{T}"]["step_mib"],
              d[f"ag:{T}"]["step_mib"], d[f"fd:{T}"]["step_mib"] / d[f"ag:{T}"]["step_mib"]]
             for T in orders]
-    return "\n".join([
+    out = [
         heading("Derivative order: one stacked FD call against nested autograd"),
         "An MLP energy (d = 784, hidden 256), batch 128, float32. One step: the directional "
         "derivative of order T for every sample, then a backward of its sum to the "
@@ -663,9 +663,28 @@ def render_order(b: dict) -> str:
         "",
         table(["order T", "stencil points K", "FD ms", "autograd ms", "FD / autograd time",
                "FD MiB", "autograd MiB", "FD / autograd memory"], rows),
-        bench_figure("order", "Time and memory against the derivative order."),
-        bench_provenance(b, "order"),
-    ])
+    ]
+    acc = d.get("accuracy")
+    if acc:
+        step = acc[str(orders[0])]["fixed_step"]
+        out += [
+            "Accuracy, on 8 samples of the same MLP, against the derivative by nested "
+            "autograd in float64: the relative error of the FD derivative at the step "
+            ":func:`fdsm_ext.suggest_step` gives for the dtype, and in float32 at the fixed "
+            f"step {step:g} of the timing runs. ``suggest_step`` needs the length on which f "
+            "varies along v; here it is the effective one, (mean abs(f) / mean abs(g^(T)))^(1/T) "
+            "from the exact derivative: this energy has a large value and a small curvature "
+            "along a random direction, so it varies slowly and wants large steps.",
+            "",
+            table(["order T", "length scale", "step, float64", "error, float64",
+                   "step, float32", "error, float32", f"error, float32 at step {step:g}"],
+                  [[T, a["scale"], a["step_float64"], a["error_float64"], a["step_float32"],
+                    a["error_float32"], a["error_float32_fixed_step"]]
+                   for T, a in ((T, acc[str(T)]) for T in orders)]),
+        ]
+    out += [bench_figure("order", "Time and memory against the derivative order."),
+            bench_provenance(b, "order")]
+    return "\n".join(out)
 
 
 def render_compile(b: dict) -> str:
