@@ -68,8 +68,8 @@ def plain_rng_state(state: dict) -> dict:
     (a tuple of 625 ints) as dicts of int64 tensors and numbers; a state already in that form
     is returned unchanged. :func:`set_rng_state` reads this form."""
     out = dict(state)
-    if isinstance(state["numpy"], tuple):  # np.random.get_state(): (name, key, pos, has_gauss,
-        name, key, pos, has_gauss, gauss = state["numpy"]  # cached_gaussian)
+    if isinstance(state["numpy"], tuple):  # np.random.get_state()
+        name, key, pos, has_gauss, gauss = state["numpy"]
         out["numpy"] = {"name": str(name),
                         "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
                         "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
