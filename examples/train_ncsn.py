@@ -4,6 +4,7 @@
     python -m examples.train_ncsn --method dsm --out runs/ncsn_dsm
     python -m examples.train_ncsn --condition sigma --out runs/ncsn_sigma   # s(x, sigma)
     torchrun --nproc_per_node=2 -m examples.train_ncsn --out runs/ncsn_ddp
+    torchrun --nproc_per_node=2 -m examples.train_ncsn --fsdp --out runs/ncsn_fsdp
 
 The network s(x, i) estimates the score of the data smoothed by N(0, sigma_i^2 I) for a
 geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.01 (paper setting; configurable); with
@@ -73,6 +74,7 @@ def make_loss(method: str, sigmas: torch.Tensor, eps: float, condition: str = "l
 def main(argv=None):
     parser = build_parser()
     args, train_x, test_x = cli.parse_and_load(parser, argv)
+    cli.refuse_fsdp_double_backward(parser, args, ("ssm_vr",), "--method fd_ssm or dsm")
 
     from fdsm_ext import geometric_sigmas, noise_conditional_loss
 

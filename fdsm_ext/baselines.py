@@ -5,10 +5,16 @@ batched into one model call, and scalar models are differentiated twice (double 
 ``output``: "energy" or "log_density" for per-sample scalar models, "score" for score models;
 "auto" accepts score models only (it cannot guess the sign of a scalar). The objectives:
 docs/math.rst, :ref:`section "Score-matching objectives" <math-objectives>`.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the double backward cannot work: FSDP
+frees the gathered parameters after the first backward pass through the model, and the
+second needs them. A model that is, or contains, an FSDP module (or a bound method of one)
+is refused with a ValueError naming the FD losses, which need one ordinary backward.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +35,29 @@ from ._common import (
 from ._random import NOISE, rademacher, resolve_seed, standard_normal, stream
 
 __all__ = ["dsm_loss", "exact_sm_loss", "ssm_loss"]
+
+_SCALAR_OUTPUTS = ("energy", "log_density")
+
+
+def _check_not_sharded(model: Callable[..., Tensor], fn: str, alternative: str) -> None:
+    """ValueError when ``model`` (or the module of a bound method) is or contains an FSDP2
+    module: called only where the loss, or a backward through it, differentiates the model
+    twice, which fails under fully_shard with torch's 'setStorage: ... out of bounds for
+    storage of size 0' (the second pass reads parameters FSDP resharded after the first)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:  # never imported, so nothing can have been sharded (and no import cost)
+        return
+    owner = getattr(model, "__self__", model)
+    if isinstance(owner, torch.nn.Module) and any(
+        isinstance(m, fsdp.FSDPModule) for m in owner.modules()
+    ):
+        raise ValueError(
+            f"{fn}: model is sharded with FSDP2 (fully_shard), and {fn} needs a double backward "
+            "through it, which FSDP2 does not support (it frees the gathered parameters after "
+            "the first backward pass; torch then fails with 'setStorage: ... out of bounds for "
+            f"storage of size 0'); use {alternative}, which needs one ordinary backward, or "
+            "an unsharded model"
+        )
 
 
 def ssm_loss(
@@ -63,6 +92,10 @@ def ssm_loss(
     check_reduction_output(output, reduction, fn)
     check_choice("noise", noise, ("rademacher", "gaussian"), fn)
     check_int("n_projections", n_projections, 1, fn)
+    # Scalar models: the Hessian term is a second backward inside the loss; score models:
+    # training backpropagates through the input Jacobian's graph.
+    if output in _SCALAR_OUTPUTS or torch.is_grad_enabled():
+        _check_not_sharded(model, fn, "fdsm_ext.fd_ssm_loss")
     batch = x.shape[0]
     inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
     key = resolve_seed(seed, generator, x.device, fn)
@@ -105,6 +138,9 @@ def dsm_loss(
     check_x(x, fn, finite_differences=False)
     check_reduction_output(output, reduction, fn)
     sigma = per_sample_sigma(sigma, x, fn)
+    if output in _SCALAR_OUTPUTS and torch.is_grad_enabled():  # training backpropagates
+        # through grad_x of the model; a score model's DSM is an ordinary backward
+        _check_not_sharded(model, fn, "fdsm_ext.fd_dsm_loss")
     inputs = sort_model_args(model_args, model_kwargs, shared, x.shape[0], fn)
     key = resolve_seed(seed, generator, x.device, fn)
     z = standard_normal(x.reshape(x.shape[0], -1), stream(key, NOISE)).reshape_as(x)
@@ -142,6 +178,9 @@ def exact_sm_loss(
     if chunk_size is None:
         chunk_size = max(1, min(d, 1024 // batch))
     check_int("chunk_size", chunk_size, 1, fn)
+    # The trace of a scalar model is a second backward; create_graph keeps the first for one.
+    if output in _SCALAR_OUTPUTS or (create_graph and torch.is_grad_enabled()):
+        _check_not_sharded(model, fn, "fdsm_ext.fd_ssm_loss (a sliced estimate of J_SM)")
     inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
 
     norm_term = None

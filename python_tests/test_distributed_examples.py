@@ -108,12 +108,12 @@ def test_loss_draws_depend_on_the_rank_split():
         assert not torch.allclose(whole, shards, rtol=1e-3), method
 
 
-def _assert_close(a, b, what):
-    """max |a - b| <= RTOL * max |b|: rounding of a reordered sum scales with the tensor's
+def _assert_close(a, b, what, rtol=RTOL):
+    """max |a - b| <= rtol * max |b|: rounding of a reordered sum scales with the tensor's
     largest terms, not with each element (an element near zero may differ in every digit)."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     err, scale = float((a - b).abs().max()), float(b.abs().max())
-    assert err <= RTOL * scale, f"{what}: max |difference| {err:.3g} > {RTOL:g} * {scale:.3g}"
+    assert err <= rtol * scale, f"{what}: max |difference| {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
 @pytest.mark.parametrize("method", ["fd_ssm", "dsm"],

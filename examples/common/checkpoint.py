@@ -97,10 +97,14 @@ def write_checkpoint(path: str, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f), previous=previous)
 
 
-def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, history: dict, args: argparse.Namespace) -> None:
-    """Model, optimizer, step, history, global RNG states and options (:data:`CKPT_KEYS`)."""
-    write_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+def save_checkpoint(path: str, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | dict, step: int, history: dict,
+                    args: argparse.Namespace) -> None:
+    """Model, optimizer, step, history, global RNG states and options (:data:`CKPT_KEYS`).
+    ``optimizer`` may be given as its state dict (FSDP: the gathered full one)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.state_dict()
+    write_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer,
                             "step": step, "history": history, "rng": get_rng_state(),
                             "args": plain_args(args)})
 

@@ -73,6 +73,19 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int, 
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (fully_shard) instead of "
+                        "DDP; FD methods only (a single process trains unsharded)")
+
+
+def refuse_fsdp_double_backward(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                                double_backward: tuple[str, ...], use: str) -> None:
+    """One-line argument error for --fsdp with a --method in ``double_backward`` (autograd
+    derivatives of the network with create_graph=True, then a backward through them)."""
+    if getattr(args, "fsdp", False) and args.method in double_backward:
+        parser.error(f"--fsdp: --method {args.method} needs a double backward through the "
+                     "network, which FSDP2 does not support (it frees the gathered parameters "
+                     f"after the first backward pass); use {use}, or drop --fsdp (DDP)")
 
 
 def parse_and_load(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple:

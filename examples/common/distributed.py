@@ -1,11 +1,14 @@
 """Data parallelism: ``torchrun --nproc_per_node=N`` sets the environment read here (gloo on
 CPU, NCCL on GPU); the batch size of the scripts is the GLOBAL batch and only rank 0 writes
-files."""
+files. The model is replicated (DDP, or an explicit all-reduce) or, with ``--fsdp``, trained
+as an FSDP2 copy sharded over the ranks (:func:`replicate`)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -51,19 +54,97 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def replicate(model: torch.nn.Module, d: Dist, use_ddp_hooks: bool) -> torch.nn.Module:
-    """The module to call in training: DistributedDataParallel, or (``use_ddp_hooks`` false,
-    for losses whose create_graph=True autograd DDP does not support; pair with
-    :func:`average_gradients`) the model itself with rank 0's parameters broadcast."""
+def replicate(model: torch.nn.Module, d: Dist, use_ddp_hooks: bool,
+              fsdp: bool = False) -> torch.nn.Module:
+    """The module to call in training, whose parameters the optimizer updates:
+    DistributedDataParallel; or (``use_ddp_hooks`` false, for losses whose create_graph=True
+    autograd DDP does not support; pair with :func:`average_gradients`) the model itself with
+    rank 0's parameters broadcast; or (``fsdp``) a copy of the model sharded with FSDP2's
+    ``fully_shard`` over all ranks, whose backward reduce-scatters the gradients (mean over
+    ranks). The copy leaves ``model`` unsharded for what runs on rank 0 alone (evaluation,
+    sampling): :func:`gather_model` copies the trained parameters back into it. FSDP2 cannot
+    run a double backward (the gathered parameters are freed after the first backward)."""
     if not d.enabled:
         return model
-    if use_ddp_hooks:
+    if use_ddp_hooks and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     for p in model.parameters():
         dist.broadcast(p.data, src=0)
-    return model
+    if not fsdp:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(copy.deepcopy(model), mesh=init_device_mesh(d.device.type,
+                                                                   (d.world_size,)))
+
+
+def _sharded(net: torch.nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    return fsdp is not None and isinstance(net, fsdp.FSDPModule)
+
+
+def gather_model(model: torch.nn.Module, net: torch.nn.Module) -> None:
+    """For an FSDP2 ``net`` from :func:`replicate`: load its full (all-gathered) parameters
+    into the unsharded ``model`` on every rank, a collective that every rank must call.
+    Nothing for other ``net`` s, which train ``model``'s own parameters."""
+    if _sharded(net):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        model.load_state_dict(get_model_state_dict(
+            net, options=StateDictOptions(full_state_dict=True)))
+
+
+def optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()``; for an FSDP2 ``net``, the full (gathered) state in the same
+    format, keyed by parameter index (a collective: rank 0 gets it, on the CPU, the other ranks
+    an empty dict), so that a checkpoint is the same with or without FSDP."""
+    if not _sharded(net):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    state = get_optimizer_state_dict(
+        net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return {}
+    index = {name: i for i, (name, _) in enumerate(net.named_parameters())}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in state["param_groups"]]}
+
+
+def load_state(model: torch.nn.Module, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               model_state: dict, optim_state: dict) -> None:
+    """Load full (unsharded) state dicts, as :func:`optimizer_state` and ``model.state_dict()``
+    give them, into ``model`` and ``optimizer``, and into an FSDP2 ``net``, sharded."""
+    model.load_state_dict(model_state)
+    if not _sharded(net):
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = [name for name, _ in net.named_parameters()]
+    by_name = {"state": {names[i]: s for i, s in optim_state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                for g in optim_state["param_groups"]]}
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(net, model_state, options=full)
+    set_optimizer_state_dict(net, optimizer, by_name, options=full)
+    for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):
+        # set_optimizer_state_dict turns tuples (Adam's betas) into lists; keep them as saved
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def average_gradients(module: torch.nn.Module, d: Dist) -> None:

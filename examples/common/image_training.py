@@ -20,7 +20,14 @@ from .checkpoint import (
     save_checkpoint,
     save_json,
 )
-from .distributed import Dist, average_gradients, replicate
+from .distributed import (
+    Dist,
+    average_gradients,
+    gather_model,
+    load_state,
+    optimizer_state,
+    replicate,
+)
 from .seeding import batch_indices, set_rng_state, step_generator
 
 
@@ -36,10 +43,17 @@ def train(*, args: argparse.Namespace, parser: argparse.ArgumentParser, d: Dist,
     eval_fn(model) -> held-out loss (rank 0 only). use_ddp_hooks: wrap in
     DistributedDataParallel (the FD losses: a forward and an ordinary backward); False
     all-reduces the gradients by hand (double-backward losses, whose
-    torch.autograd.grad(create_graph=True) DDP does not support).
+    torch.autograd.grad(create_graph=True) DDP does not support). ``args.fsdp`` (several
+    processes): train an FSDP2-sharded copy instead of DDP (FD losses only); ``model`` then
+    receives the trained parameters for evaluation, checkpoints and on return.
     """
+    fsdp = getattr(args, "fsdp", False)
+    if fsdp and not use_ddp_hooks:
+        parser.error("--fsdp: this --method needs a double backward, which FSDP2 does not "
+                     "support; use an FD method")
     model.to(d.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    net = replicate(model, d, use_ddp_hooks, fsdp)  # FSDP: before the optimizer sees net
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     history: dict = {"train": [], "eval": []}
     start = 0
     ckpt_path = os.path.join(args.out, CKPT_NAME)
@@ -48,15 +62,13 @@ def train(*, args: argparse.Namespace, parser: argparse.ArgumentParser, d: Dist,
     if found is not None:
         state, loaded_path = found
         check_resume_args(parser, state["args"], args)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_state(model, net, optimizer, state["model"], state["optimizer"])
         history, start = state["history"], state["step"]
         set_rng_state(state["rng"])
         if d.is_main:
             log(f"resumed from {loaded_path} at step {start}")
     elif args.resume and d.is_main:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from step 0")
-    net = replicate(model, d, use_ddp_hooks)
     timing = {"seconds": 0.0, "steps": 0}
 
     def step(i: int) -> dict[str, float]:
@@ -77,15 +89,19 @@ def train(*, args: argparse.Namespace, parser: argparse.ArgumentParser, d: Dist,
         history["train"].append((i + 1, value))
         return {"loss": value}
 
+    # Under FSDP every rank runs evaluate and checkpoint up to the gathers (collectives).
     def evaluate(done: int) -> None:
+        gather_model(model, net)
         if d.is_main:
             model.eval()
             history["eval"].append((done, float(eval_fn(model))))
             model.train()
 
     def checkpoint(done: int) -> None:
+        gather_model(model, net)
+        optim_state = optimizer_state(net, optimizer)
         if d.is_main:
-            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=done,
+            save_checkpoint(ckpt_path, model=model, optimizer=optim_state, step=done,
                             history=history, args=args)
 
     if start == 0 and args.steps > 0 and not history["eval"]:
@@ -100,8 +116,11 @@ def train(*, args: argparse.Namespace, parser: argparse.ArgumentParser, d: Dist,
             print(f"error: {e}; try a smaller --lr (or a larger --eps / --sigma)",
                   file=sys.stderr)
         sys.exit(1)
-    if not os.path.exists(ckpt_path):  # --steps 0, or nothing left to do
+    # --steps 0, or nothing left to do. Not decided by the file alone: rank 0 may still be
+    # writing the last step's checkpoint while another rank looks.
+    if start >= args.steps and not os.path.exists(ckpt_path):
         checkpoint(max(start, args.steps))
+    gather_model(model, net)
     return history, (timing["seconds"] / timing["steps"] if timing["steps"] else float("nan"))
 
 
@@ -130,7 +149,8 @@ def sample_and_report(*, args: argparse.Namespace, model: torch.nn.Module,
                         train_label=train_label, eval_label=eval_label)
     result = {
         "method": args.method, "dataset": args.dataset, "steps": args.steps,
-        "batch_size": args.batch_size, "world_size": d.world_size, "eps": args.eps,
+        "batch_size": args.batch_size, "world_size": d.world_size,
+        "fsdp": bool(getattr(args, "fsdp", False)) and d.enabled, "eps": args.eps,
         "sigmas": sigmas.tolist(), "n_steps_each": args.n_steps_each, "step_lr": args.step_lr,
         **extra,
         eval_key: history["eval"][-1][1] if history["eval"] else None,
