@@ -3,7 +3,9 @@
 Every loss is in the units of the exact score-matching objective
 J_SM = E[1/2 ||grad log p||^2 + tr(Hess log p)], so its expectation over the random
 directions equals J_SM up to O(eps^2). Derivations: docs/math.rst,
-:ref:`section "FD-SSM" <math-fd-ssm>` and :ref:`section "FD-DSM" <math-fd-dsm>`.
+:ref:`section "FD-SSM" <math-fd-ssm>` and :ref:`section "FD-DSM" <math-fd-dsm>`. With
+``derivatives="forward"`` the same estimators take their eps -> 0 limits exactly, by
+forward-mode AD on the same directions (:ref:`section "Forward mode" <math-forward-mode>`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _forward
 from . import _ops as ops
 from ._common import (
     DSM_DIRECTIONS,
@@ -33,7 +36,9 @@ from ._common import (
     reduce,
     sort_model_args,
 )
+from ._forward import DERIVATIVES
 from ._guard import (
+    Probe,
     guard_directional_derivative,
     guard_fd_dsm,
     guard_fd_dsm_residual,
@@ -63,8 +68,10 @@ def fd_ssm_loss(
     reduction: str = "mean",
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
+    derivatives: str = "fd",
 ) -> Tensor:
-    """Finite-difference sliced score matching (Pang et al. 2020), one model call.
+    """Finite-difference sliced score matching (Pang et al. 2020), one model call (plus the
+    precision guard's occasional no-grad probe, below).
 
     Directions v with E[v v^T] = (eps^2/d) I (``noise``: "sphere" ||v|| = eps, "gaussian",
     "rademacher"), ``n_projections`` per sample, all evaluated in ONE call of ``model`` on
@@ -94,9 +101,39 @@ def fd_ssm_loss(
     u the unit round-off of the output dtype or of an enabled autocast dtype, so eps must
     not be too small, and half-precision outputs need a larger eps or a float32 last layer.
     An :class:`fdsm_ext.FDPrecisionWarning` is raised once per call site when that noise is
-    over 0.3 of the typical per-sample loss. See :mod:`fdsm_ext.precision` and
+    over 0.3 of the typical per-sample loss. For scalar models the guard also measures the
+    model's own rounding noise, which can be far above u*|L| when the output is a small sum
+    of large terms (freshly initialised networks): on the first calls at a call site and
+    every 64th after, one extra no-grad model call on x and x +- w (||w|| = eps/100, where
+    the true second difference is negligible; skipped in float64, under compile and with
+    several processes). See :mod:`fdsm_ext.precision` and
     :func:`fdsm_ext.suggest_eps`; measured errors by dtype and eps:
     :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst).
+
+    ``derivatives="forward"`` computes the eps -> 0 limit of the same estimator exactly, by
+    forward-mode AD (:func:`torch.func.jvp`), with the same directions v as ``"fd"`` for the
+    same seed or generator. Per sample, averaged over projections:
+
+    * scalar model: (d/eps^2) [ 1/2 (v^T grad L)^2 + v^T (Hess L) v ], both directional
+      derivatives of L(x + t v) from one jvp of a jvp along v;
+    * score model, ``variance_reduction=True``: 1/2 ||s||^2 + (d/eps^2) v^T J v; ``False``:
+      (d/eps^2) [ 1/2 (v^T s)^2 + v^T J v ], with s and J v (J = ds/dx) from one jvp.
+
+    eps only scales v and cancels (d/eps^2 times a quadratic form in v): no truncation, no
+    rounding floor beyond ordinary rounding, so no precision guard. Cost: on the P B rows
+    x, the nested jvp does roughly 2-3 forwards' work (one jvp about 2), against FD's one
+    call on (1 + 2P) B (scalar) or 2P B (score) rows; then one ordinary backward, which
+    reaches parameters captured by the model. Every op of the model needs a forward-mode AD
+    rule; if one lacks it (some fused kernels such as the CPU flash attention of
+    ``F.scaled_dot_product_attention``, a custom ``torch.autograd.Function`` without
+    ``jvp``/``setup_context``), the call raises ``NotImplementedError`` naming the op, with
+    the advice to use ``"fd"``. Under torch.compile, compile the whole loss (fullgraph
+    works): a model compiled on its own runs eagerly inside ``torch.func.jvp``
+    (PyTorch issue 128711). Pick ``"fd"`` for the fastest eager step and for any model
+    (first-order autograd only); pick ``"forward"`` where FD's rounding matters (float32
+    or autocast with large d, small loss values) or under a compiled loss, where its cost
+    comes closer to FD's. Formulas: docs/math.rst,
+    :ref:`section "Forward mode" <math-forward-mode>`.
     """
     fn = "fd_ssm_loss"
     check_callable(model, fn)
@@ -105,13 +142,20 @@ def fd_ssm_loss(
     check_reduction_output(output, reduction, fn)
     check_choice("noise", noise, NOISES, fn)
     check_int("n_projections", n_projections, 1, fn)
+    check_choice("derivatives", derivatives, DERIVATIVES, fn)
 
     batch, event_shape = x.shape[0], x.shape[1:]
     x2 = x.reshape(batch, -1)
     d = x2.shape[1]
     inputs = sort_model_args(model_args, model_kwargs, shared, batch, fn)
-    offsets = _SCALAR_OFFSETS if output in ("energy", "log_density") else _SCORE_OFFSETS
     key = resolve_seed(seed, generator, x.device, fn)
+    if derivatives == "forward":
+        per_sample = _forward_ssm(
+            model, x2, key, event_shape, inputs, output, noise, n_projections,
+            variance_reduction, float(eps),
+        )
+        return reduce(per_sample, reduction)
+    offsets = _SCALAR_OFFSETS if output in ("energy", "log_density") else _SCORE_OFFSETS
     stacked, v = ops.random_stencil_batch(x2, key, offsets, n_projections, noise, float(eps))
     n_blocks = stacked.shape[0] // batch
     out = call_model(
@@ -124,8 +168,56 @@ def fd_ssm_loss(
     else:
         scores = out.reshape(out.shape[0], d)[-2 * n_projections * batch :]
         per_sample = ops.fd_ssm_score(scores, v, n_projections, variance_reduction, scale)
-    guard_fd_ssm(fn, out, per_sample, kind == SCALAR, d, float(eps))
+    guard_fd_ssm(fn, out, per_sample, kind == SCALAR, d, float(eps),
+                 Probe(model, x2, event_shape, inputs))
     return reduce(per_sample, reduction)
+
+
+def _directions(x2: Tensor, key: Tensor, n_projections: int, noise: str, eps: float) -> Tensor:
+    """The directions v (P B, d) that the FD stencil of the same key uses (v does not depend
+    on the stencil's offsets), without building its evaluation batch."""
+    _, v = ops.random_stencil_batch(x2.detach(), key, (0.0,), n_projections, noise, eps)
+    return v
+
+
+def _tile(x2: Tensor, copies: int) -> Tensor:
+    """copies stacked copies of x2, projection-major rows (p B + b) like v."""
+    return x2.repeat(copies, 1) if copies > 1 else x2
+
+
+def _forward_ssm(
+    model: Callable[..., Tensor],
+    x2: Tensor,
+    key: Tensor,
+    event_shape: torch.Size,
+    inputs: ModelArgs,
+    output: str,
+    noise: str,
+    n_projections: int,
+    variance_reduction: bool,
+    eps: float,
+) -> Tensor:
+    """Per-sample fd_ssm_loss(derivatives="forward"): the eps -> 0 limit, by jvp."""
+    fn = "fd_ssm_loss"
+    batch, d = x2.shape
+    v = _directions(x2, key, n_projections, noise, eps)
+    f = _forward.model_fn(model, event_shape, inputs.repeat(n_projections), fn, batch)
+    scale = d / eps**2
+    if output in ("energy", "log_density"):
+        out, d1, d2 = _forward.jvp2(f, _tile(x2, n_projections), v, fn)
+        _, sign = output_kind(out, event_shape, output, fn)
+        d1, d2 = d1.reshape(-1), d2.reshape(-1)
+        per_row = scale * (0.5 * d1**2 + sign * d2)
+    else:
+        s, jv = _forward.jvp(f, _tile(x2, n_projections), v, fn)
+        output_kind(s, event_shape, output, fn)
+        s, jv = s.reshape(-1, d), jv.reshape(-1, d)
+        v_jv = (v * jv).sum(1)
+        if variance_reduction:
+            per_row = 0.5 * (s * s).sum(1) + scale * v_jv
+        else:
+            per_row = scale * (0.5 * (v * s).sum(1) ** 2 + v_jv)
+    return per_row.reshape(n_projections, batch).mean(0)
 
 
 def fd_dsm_loss(
@@ -142,6 +234,7 @@ def fd_dsm_loss(
     reduction: str = "mean",
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
+    derivatives: str = "fd",
 ) -> Tensor:
     """Finite-difference denoising score matching for scalar models.
 
@@ -188,6 +281,19 @@ def fd_dsm_loss(
     smallest sigma, and large enough for the rounding. Measured errors:
     :doc:`the precision guide </guides/precision>` (docs/guides/precision.rst) and
     :doc:`the FD-DSM results </results/fd_dsm>` (docs/results/fd_dsm.rst).
+
+    ``derivatives="forward"``: the eps -> 0 limit, exactly, by one forward-mode pass
+    (:func:`torch.func.jvp`) on B rows (``"residual"``) or P B rows (``"random"``, the same
+    v as ``"fd"`` for the same seed), instead of the pair L(x~ +- step):
+
+    * ``"residual"``: D = ||a|| (a^ . grad L(x~)), the jvp of L along a^; the loss
+      1/2 ||a||^2 + D - sg(D) then has DSM's value and exactly DSM's parameter gradient;
+    * ``"random"``: (d/(2 eps^2)) (v^T grad L(x~) + v^T (x~ - x)/sigma^2)^2.
+
+    No truncation and no precision guard; the model's ops need forward-mode AD rules, and
+    under torch.compile the whole loss should be compiled, as for :func:`fd_ssm_loss`,
+    whose docstring says when to pick which. Formulas: docs/math.rst,
+    :ref:`section "Forward mode" <math-forward-mode>`.
     """
     fn = "fd_dsm_loss"
     check_callable(model, fn)
@@ -195,6 +301,7 @@ def fd_dsm_loss(
     check_positive("eps", eps, fn)
     check_choice("direction", direction, DSM_DIRECTIONS, fn)
     check_int("n_projections", n_projections, 1, fn)
+    check_choice("derivatives", derivatives, DERIVATIVES, fn)
     if direction == "residual" and n_projections != 1:
         raise ValueError(
             f"{fn}: n_projections={n_projections} applies to direction='random' only; "
@@ -213,10 +320,13 @@ def fd_dsm_loss(
     x_tilde = x2 + sigma[:, None] * z
     target = z / sigma[:, None]
     if direction == "residual":
-        per_sample = _fd_dsm_residual(model, x_tilde, target, event_shape, inputs, output, eps)
+        per_sample = _fd_dsm_residual(
+            model, x_tilde, target, event_shape, inputs, output, eps, derivatives
+        )
     else:
         per_sample = _fd_dsm_random(
-            model, x_tilde, target, event_shape, inputs, output, eps, n_projections, key
+            model, x_tilde, target, event_shape, inputs, output, eps, n_projections, key,
+            derivatives,
         )
     return reduce(per_sample, reduction)
 
@@ -240,6 +350,7 @@ def _fd_dsm_residual(
     inputs: ModelArgs,
     output: str,
     eps: float,
+    derivatives: str,
 ) -> Tensor:
     """Per-sample 1/2 ||a||^2 + D - sg(D) along the DSM residual a (see fd_dsm_loss)."""
     fn = "fd_dsm_loss"
@@ -251,6 +362,11 @@ def _fd_dsm_residual(
     norm = residual.norm(dim=1)
     # A zero residual (the model's score is exact here) has no direction: D is then 0.
     unit = residual / torch.where(norm > 0, norm, 1.0)[:, None]
+    if derivatives == "forward":
+        f = _forward.model_fn(model, event_shape, inputs, fn, batch)
+        out, d1 = _forward.jvp(f, x_tilde.detach(), unit, fn)
+        slope = norm * _scalar_output(out, event_shape, output, fn) * d1.reshape(-1)
+        return 0.5 * norm**2 + (slope - slope.detach())
     stacked = ops.stencil_batch(x_tilde.detach(), eps * unit, list(_SCORE_OFFSETS))
     f = call_model(model, stacked.reshape(-1, *event_shape), inputs.repeat(2), fn, batch=batch)
     sign = _scalar_output(f, event_shape, output, fn)
@@ -270,10 +386,22 @@ def _fd_dsm_random(
     eps: float,
     n_projections: int,
     key: Tensor,
+    derivatives: str,
 ) -> Tensor:
     """Per-sample paper FD-DSM, averaged over n_projections sphere directions."""
     fn = "fd_dsm_loss"
     batch = x_tilde.shape[0]
+    scale = x_tilde.shape[1] / (2 * eps**2)
+    # Rows of v are projection-major (p B + b), so the targets tile the same way (a view for
+    # one projection, a copy only for several).
+    targets = target.expand(n_projections, *target.shape).reshape(-1, target.shape[1])
+    if derivatives == "forward":
+        v = _directions(x_tilde, key, n_projections, "sphere", float(eps))
+        f = _forward.model_fn(model, event_shape, inputs.repeat(n_projections), fn, batch)
+        out, d1 = _forward.jvp(f, _tile(x_tilde, n_projections), v, fn)
+        sign = _scalar_output(out, event_shape, output, fn)
+        per_row = scale * (sign * d1.reshape(-1) + (v * targets).sum(1)) ** 2
+        return per_row.reshape(n_projections, batch).mean(0)
     stacked, v = ops.random_stencil_batch(
         x_tilde, key, _SCORE_OFFSETS, n_projections, "sphere", float(eps)
     )
@@ -282,10 +410,6 @@ def _fd_dsm_random(
         batch=batch,
     )
     sign = _scalar_output(out, event_shape, output, fn)
-    scale = x_tilde.shape[1] / (2 * eps**2)
-    # Rows of v are projection-major (p B + b), so the targets tile the same way (a view for
-    # one projection, a copy only for several).
-    targets = target.expand(n_projections, *target.shape).reshape(-1, target.shape[1])
     per_row = ops.fd_dsm_scalar(out.reshape(-1), v, targets, scale, sign)
     guard_fd_dsm(fn, out, per_row, x_tilde.shape[1], float(eps))
     return per_row.reshape(n_projections, batch).mean(0)

@@ -17,6 +17,7 @@ from .losses import fd_dsm_loss, fd_ssm_loss
 __all__ = ["geometric_sigmas", "noise_conditional_loss"]
 
 METHODS = {"fd_ssm": fd_ssm_loss, "ssm": ssm_loss, "dsm": dsm_loss, "fd_dsm": fd_dsm_loss}
+FD_METHODS = ("fd_ssm", "fd_dsm")
 CONDITIONS = ("label", "sigma")
 
 
@@ -80,6 +81,9 @@ def noise_conditional_loss(
     ``method`` is the estimator: "fd_ssm" and "ssm" (on the perturbed data; pass
     ``variance_reduction`` etc. in ``estimator_kwargs``), "dsm" and "fd_dsm" (which perturb
     x with sigma_i themselves). Each sample is weighted by lambda(sigma_i) = sigma_i^2.
+    ``derivatives="forward"`` (exact forward-mode derivatives instead of finite differences,
+    see :func:`fdsm_ext.fd_ssm_loss`) passes through to "fd_ssm" and "fd_dsm"; the autograd
+    methods refuse it.
     ``reduction`` in ``estimator_kwargs`` applies to the weighted per-sample losses (default
     "mean"); ``model_kwargs`` and ``shared`` pass through to the estimator (the condition
     is its ``model_args[0]``). ``seed`` or ``generator`` fixes the level draw, the noise and
@@ -91,6 +95,11 @@ def noise_conditional_loss(
     check_callable(model, fn)
     check_choice("method", method, tuple(METHODS), fn)
     check_choice("condition", condition, CONDITIONS, fn)
+    if "derivatives" in estimator_kwargs and method not in FD_METHODS:
+        raise ValueError(
+            f"{fn}: derivatives={estimator_kwargs['derivatives']!r} applies to the FD methods "
+            f"{', '.join(map(repr, FD_METHODS))}; method={method!r} differentiates by autograd"
+        )
     check_x(x, fn, finite_differences=False)
     sigmas = torch.as_tensor(sigmas, dtype=x.dtype, device=x.device).reshape(-1)
     if sigmas.numel() == 0:

@@ -10,8 +10,10 @@ dtype's (float32 2^-24 = 6.0e-8, bfloat16 2^-8 = 3.9e-3, float16 2^-11 = 4.9e-4,
 larger autocast dtype's (an autocast model may return float32 from half-precision layers).
 Per sample that gives (the "rounding floor"):
 
-* FD-SSM, scalar model L (3 values, second difference scaled by d/eps^2):
-  ``u * |L| * d / eps^2``
+* FD-SSM, scalar model L (3 values, second difference scaled by d/eps^2): the larger of
+  the formula ``e * d / eps^2 + d e^2 / (12 eps^2)``, ``e = u * |L|``, and a measurement,
+  the rounding probe (below); the second term is the bias of the squared first difference,
+  which matters only once e is of order 1 or more (a large output in half precision)
 * FD-SSM, score model s (``v^T (s(x+v) - s(x-v))`` scaled by d/(2 eps^2), ``||v|| = eps``;
   each component of s rounded independently): ``u * ||s|| * sqrt(d) / eps``
 * FD-DSM, random directions (loss ``= d/(2 eps^2) r^2``,
@@ -25,23 +27,58 @@ Per sample that gives (the "rounding floor"):
   ``u * sqrt(sum beta_k^2) * |f|``
 
 with ``|L|``, ``||s||``, ``|f|`` averaged over the stacked rows (derivations: docs/math.rst,
-:ref:`section "Precision: the rounding floor" <math-precision>`). The guard compares the
-floor with the typical per-sample value (the mean of ``|per-sample loss|``, resp. of
-``|derivative|``) and raises :class:`~fdsm_ext.FDPrecisionWarning` once per call site when the ratio
-exceeds ``THRESHOLD`` = 0.3. The floor estimates the size of the rounding noise of one
+:ref:`section "Precision: the rounding floor" <math-precision>`).
+
+The formulas charge the rounding of the model's output only. Where the output is small
+against the values inside the network, as in a freshly initialised one (random-signed sums
+that nearly cancel), the output carries many times ``u*|L|``: on a freshly initialised
+784-256-256-1 MLP energy in float32 at eps 0.1, FD-SSM's per-sample values are mostly
+rounding noise while the formula stays far below the threshold
+(python_tests/test_guard_fresh_models.py). The **rounding probe** measures that noise for
+scalar FD-SSM: in float32 or coarser, on the first check of a call site and on every
+periodic one (the checks in between reuse its value), the guard calls the model once more,
+without gradients, on the 3B rows x, x + w, x - w with ``||w|| = eps/100``, where the true
+second difference is 10^-4 of that at eps and what remains is the rounding of the inputs,
+of every layer and of the output. Its rms over the batch, times ``d/eps^2`` and
+``sqrt((4 + 2/P)/6)`` for P projections (the centre L(x) is shared by the projections), is
+the measured floor (plus the same bias term, with the measured rounding of one output,
+``r/sqrt(6)``, for ``e/sqrt(3)``); the guard takes the larger of it and the formula.
+Measured against float64 (the tests above and the precision section of the benchmarks
+page), it is close to the actual float32 rounding error where the model's output is small
+against its inner values; where the output is large, rounding that stays correlated over the
+probe's small step (the last layers') escapes it, and the floor can be about half the
+actual error. The probe draws no random numbers (w has the signs of
+a hash of the index), runs under ``torch.no_grad`` with the global random state forked
+(dropout inside the model draws nothing from it), and restores the buffers of an
+``nn.Module`` model (batch-norm statistics) afterwards; an exception in it is ignored. It
+does not run in float64, where its cost would buy nothing, in runs of several processes (a
+DDP or FSDP model's forward is a collective, and the guard's schedule can differ between
+ranks), nor under compilation (the guard is off there). Under autocast the rows are cast to
+a coarser dtype, in which x, x + w and x - w would round alike; the probe then also shifts
+x +- w by pseudo-random fractions (within +-1/2) of that dtype's rounding step, so that each
+row's cast rounds on its own, as those of x +- v do.
+
+The guard compares the floor with the typical per-sample value (the mean of
+``|per-sample loss|``, resp. of ``|derivative|``) and raises
+:class:`~fdsm_ext.FDPrecisionWarning` once per call site when the ratio exceeds
+``THRESHOLD`` = 0.3. The floor estimates the size of the rounding noise of one
 per-sample value to within a small factor (the precision guide compares it with measured
 float32-against-float64 errors), so at the threshold the per-sample values are already
-noisy; above it the batch mean drifts too (the squared first difference picks up a bias of
-about ``d (u|L|)^2/(12 eps^2)``). From ``NOISE_LEVEL`` = 0.5 on, the warning says that the
+noisy; above it the batch mean drifts too: the rounding of the centre value L(x) is the
+same for every projection, so averaging over projections does not remove it, only averaging
+over the batch does (and the squared first difference picks up a bias of about
+``d (u|L|)^2/(12 eps^2)``). From ``NOISE_LEVEL`` = 0.5 on, the warning says that the
 per-sample values are dominated by rounding and the loss is noise: the ratio cannot show
 more than that, since it stays of order 1 however small eps gets (the per-sample values it
 divides by are then rounding noise themselves). The floor ignores the averaging over the
 batch, which reduces zero-mean noise by sqrt(B) but not that bias.
 
-The guard cannot see inside the model: under autocast it charges the autocast u to all of
-``|L|``, which overestimates the noise of a model whose last layer runs in float32 (check
-such a model against :func:`fdsm_ext.exact_sm_loss` on a batch, then filter the warning),
-and a model that casts internally without autocast and returns float32 is not seen at all.
+The formulas cannot see inside the model: under autocast the guard charges the autocast u
+to all of ``|L|``, which overestimates the noise of a model whose last layer runs in float32
+(check such a model against :func:`fdsm_ext.exact_sm_loss` on a batch, then filter the
+warning), and a model that casts to half precision internally without autocast and returns
+float32 is charged float32's u; the probe's small step mostly leaves its half-precision
+inputs unchanged, so it does not see that rounding either.
 Measured errors of FD-SSM under float32, bfloat16 autocast and tiny eps, the guard's
 verdicts and what works: :doc:`the precision guide </guides/precision>`
 (docs/guides/precision.rst).
@@ -50,7 +87,9 @@ On CUDA the check never synchronises: its two numbers are copied to pinned host 
 asynchronously and read on a later call once the copy has finished (so a warning can arrive
 one call late); other devices read the two numbers at once. Under ``torch.compile`` tracing
 and CUDA graph capture the guard is skipped. The check runs on the
-first 8 calls of each call site and then on every 64th, until that site has warned.
+first 8 calls of each call site and then on every 64th, until that site has warned; the
+rounding probe (scalar FD-SSM, float32 or coarser) adds one gradient-free model call on 3B
+rows to the first of these and to every 64th.
 """
 
 from __future__ import annotations
