@@ -3,7 +3,9 @@
     python -m examples.train_ebm --out runs/ebm                 # FD-SSM on built-in 8x8 digits
     python -m examples.train_ebm --method dsm --out runs/dsm    # a baseline, same units
     torchrun --nproc_per_node=2 -m examples.train_ebm --out runs/ebm_ddp   # data parallel
+    torchrun --nproc_per_node=2 -m examples.train_ebm --fsdp --out runs/ebm_fsdp  # sharded
     python -m examples.train_ebm --condition sigma --out runs/ebm_sigma    # E(x, sigma)
+    python -m examples.train_ebm --arch vit --dataset mnist5k --out runs/vit  # ViT energy
 
 The network is a noise-conditional ENERGY E(x, i) (log-density -E(x, i) + const of the data
 smoothed by N(0, sigma_i^2 I)) for a geometric ladder sigma_1 = 1 > ... > sigma_10 = 0.05
@@ -37,6 +39,7 @@ import torch
 
 from .common import cli, distributed, image_training, report, seeding
 from .common.models import EnergyNet
+from .common.transformer import ATTENTION_BACKENDS, ViTEnergy
 
 METHODS = ("fd_ssm", "fd_dsm", "ssm", "ssm_vr", "dsm", "exact")
 # Methods whose autograd implementation differentiates the network w.r.t. its input with
@@ -62,7 +65,18 @@ def build_parser():
     p.add_argument("--n-sigmas", type=cli.positive_int, default=10)
     p.add_argument("--sigma", type=cli.positive_float, default=0.1,
                    help="noise level of the held-out exact SM loss (nearest level is used)")
-    p.add_argument("--width", type=cli.positive_int, default=32, help="base channels")
+    p.add_argument("--width", type=cli.positive_int, default=32,
+                   help="base channels (--arch conv)")
+    p.add_argument("--arch", default="conv", choices=("conv", "vit"),
+                   help="energy network: residual conv net (default) or a small ViT "
+                        "(examples/common/transformer.py)")
+    p.add_argument("--attention", default=None, choices=ATTENTION_BACKENDS,
+                   help="--arch vit: scaled-dot-product-attention backend (flash, default: "
+                        "fused kernel, no double backward; math: unfused, twice "
+                        "differentiable)")
+    p.add_argument("--patch", type=cli.positive_int, default=None,
+                   help="--arch vit: patch side (default: 7 if it divides the image side, "
+                        "else 4, else 1)")
     p.add_argument("--condition", default="label", choices=("label", "sigma"),
                    help="what the network is conditioned on: the level index (label, default) "
                         "or the noise level sigma itself (sigma: embedding of log sigma)")
@@ -116,6 +130,21 @@ def main(argv=None):
     if args.method == "fd_dsm" and args.fd_dsm_direction == "residual" and args.n_projections > 1:
         parser.error("--n-projections applies to fd_dsm only with --fd-dsm-direction random "
                      "(the residual direction is one deterministic direction per sample)")
+    if args.arch == "conv" and (args.attention or args.patch):
+        parser.error("--attention and --patch apply only to --arch vit")
+    if args.arch == "vit":
+        args.attention = args.attention or "flash"
+        side = train_x.shape[-1]
+        if args.patch is None:
+            args.patch = 7 if side % 7 == 0 else 4 if side % 4 == 0 else 1
+        if side % args.patch:
+            parser.error(f"--patch {args.patch} does not divide the image side {side}")
+        if args.method in DOUBLE_BACKWARD and args.attention == "flash":
+            parser.error(f"--method {args.method} is autograd score matching, which needs "
+                         "double backward (gradients of the input gradient), and the flash "
+                         "attention kernel has no double backward: use --attention math or "
+                         "an FD method (--method fd_ssm or fd_dsm)")
+    cli.refuse_fsdp_double_backward(parser, args, DOUBLE_BACKWARD, "--method fd_ssm or fd_dsm")
 
     import fdsm_ext
     from fdsm_ext import geometric_sigmas
@@ -125,8 +154,13 @@ def main(argv=None):
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
     sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.n_sigmas)
-    model = EnergyNet(in_ch=train_x.shape[1], image_size=train_x.shape[-1], ch=args.width,
-                      sigmas=sigmas, condition=args.condition)
+    if args.arch == "vit":
+        model = ViTEnergy(in_ch=train_x.shape[1], image_size=train_x.shape[-1],
+                          patch=args.patch, sigmas=sigmas, condition=args.condition,
+                          attention=args.attention)
+    else:
+        model = EnergyNet(in_ch=train_x.shape[1], image_size=train_x.shape[-1], ch=args.width,
+                          sigmas=sigmas, condition=args.condition)
     sigmas = sigmas.to(d.device)
 
     # Held-out: exact J_SM at one fixed level, on fixed noise-perturbed held-out images.
@@ -139,10 +173,18 @@ def main(argv=None):
     eval_cond = eval_labels if args.condition == "label" else sigmas[eval_labels]
 
     def eval_fn(m):
-        with torch.enable_grad():
-            # ~128 stacked rows per model call: 28x28 images at the default 1024 rows take GBs
-            return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_cond, output="energy",
-                                          chunk_size=max(1, 128 // len(eval_noisy)))
+        # The Hessian trace differentiates twice, which the flash kernel cannot.
+        backend = getattr(m, "attention", None)
+        if args.arch == "vit":
+            m.attention = "math"
+        try:
+            with torch.enable_grad():
+                # ~128 stacked rows per model call: 28x28 images at 1024 rows take GBs
+                return fdsm_ext.exact_sm_loss(m, eval_noisy, eval_cond, output="energy",
+                                              chunk_size=max(1, 128 // len(eval_noisy)))
+        finally:
+            if args.arch == "vit":
+                m.attention = backend
 
     history, sec_per_iter = image_training.train(
         args=args, parser=parser, d=d, model=model, train_data=train_x,
@@ -165,7 +207,8 @@ def main(argv=None):
         mem=mem, max_diff=max_diff,
         extra={"n_projections": args.n_projections, "eval_sigma": eval_sigma,
                "fd_dsm_direction": args.fd_dsm_direction if args.method == "fd_dsm" else None,
-               "condition": args.condition})
+               "condition": args.condition, "arch": args.arch,
+               "attention": args.attention if args.arch == "vit" else None})
     return 0
 
 
