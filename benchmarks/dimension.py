@@ -2,8 +2,10 @@
 
 MLP energy model (softplus), batch 128, d in {2, 8, 32, 128, 512, 784, 3072}: exact score
 matching (autograd Hessian trace, ``exact_sm_loss(create_graph=True)``), SSM, SSM-VR, DSM
-(double backward through the model), FD-SSM and FD-DSM (one model call on the stacked batch,
-one ordinary backward). The exact trace costs O(d) model passes, everything else O(1).
+(double backward through the model), FD-SSM and FD-DSM along the residual (one model call on
+the stacked batch, one ordinary backward), and the same two estimators with
+``derivatives="forward"`` (their eps -> 0 limits by forward-mode AD, then one backward). The
+exact trace costs O(d) model passes, everything else O(1).
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ import fdsm_ext
 
 from .harness import Section, Target, md_table, measure, plot_setup, ratio, run_module
 
-METHODS = ("exact_sm", "ssm", "ssm_vr", "dsm", "fd_ssm", "fd_dsm")
+METHODS = ("exact_sm", "ssm", "ssm_vr", "dsm", "fd_ssm", "fd_dsm", "fd_ssm_fwd",
+           "fd_dsm_residual_fwd")
 LABELS = {
     "exact_sm": "exact SM (Hessian trace)",
     "ssm": "SSM",
     "ssm_vr": "SSM-VR",
     "dsm": "DSM",
     "fd_ssm": "FD-SSM",
-    "fd_dsm": "FD-DSM",
+    "fd_dsm": "FD-DSM (residual)",
+    "fd_ssm_fwd": "FD-SSM (forward mode)",
+    "fd_dsm_residual_fwd": "FD-DSM (residual, forward mode)",
 }
+# Ratio rows: FD against autograd, forward mode against autograd and against FD.
+RATIOS = (("fd_ssm", "ssm"), ("fd_ssm", "ssm_vr"), ("fd_dsm", "dsm"), ("fd_ssm_fwd", "ssm"),
+          ("fd_dsm_residual_fwd", "dsm"), ("fd_ssm_fwd", "fd_ssm"),
+          ("fd_dsm_residual_fwd", "fd_dsm"), ("exact_sm", "fd_ssm"))
 
 FULL = dict(dims=(2, 8, 32, 128, 512, 784, 3072), batch=128, hidden=256, exact_max_d=784,
             rounds=3, reps=3, exact_reps=1, warmup=1)
@@ -61,7 +70,13 @@ def loss_fn(method: str, sigma: float = 0.1, eps: float = 0.1):
     if method == "fd_ssm":
         return lambda m, x: fdsm_ext.fd_ssm_loss(m, x, eps=eps, output="energy")
     if method == "fd_dsm":
-        return lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps, output="energy")
+        return lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, eps=eps, output="energy",
+                                                 direction="residual")
+    if method == "fd_ssm_fwd":
+        return lambda m, x: fdsm_ext.fd_ssm_loss(m, x, output="energy", derivatives="forward")
+    if method == "fd_dsm_residual_fwd":
+        return lambda m, x: fdsm_ext.fd_dsm_loss(m, x, sigma, output="energy",
+                                                 direction="residual", derivatives="forward")
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -101,8 +116,7 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None) -> S
     time_rows = [[LABELS[m]] + [cell(d, m, "time_ms") for d in dims] for m in METHODS]
     mem_rows = [[LABELS[m]] + [cell(d, m, "step_mib") for d in dims] for m in METHODS]
     ratio_rows = []
-    for num, den in (("fd_ssm", "ssm"), ("fd_ssm", "ssm_vr"), ("fd_dsm", "dsm"),
-                     ("exact_sm", "fd_ssm")):
+    for num, den in RATIOS:
         row_t = [f"{LABELS[num]} / {LABELS[den]} time"]
         row_m = [f"{LABELS[num]} / {LABELS[den]} memory"]
         for d in dims:
@@ -118,8 +132,11 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None) -> S
         f"MLP energy d -> {cfg['hidden']} -> {cfg['hidden']} -> 1 (softplus), batch "
         f"{cfg['batch']}, float32, one step = loss + backward to the parameters. Exact SM uses "
         "`exact_sm_loss(create_graph=True)` (d/chunk model calls, each with a double "
-        "backward)." + (f" Exact SM not run for d > {cfg['exact_max_d']} (its O(d) cost "
-                        "would dominate the run time on this machine)." if skipped else "")
+        "backward). FD-DSM steps along the DSM residual. The forward-mode rows compute the "
+        "same estimators' eps -> 0 limits exactly (`derivatives=\"forward\"`: directional "
+        "derivatives by forward-mode AD, then one ordinary backward)."
+        + (f" Exact SM not run for d > {cfg['exact_max_d']} (its O(d) cost would dominate "
+           "the run time on this machine)." if skipped else "")
         + "\n",
         "Time per step (ms, median):\n",
         md_table(head, time_rows),
@@ -137,6 +154,7 @@ def run(quick: bool, outdir: Path, device: str, threads: int | None = None) -> S
     targets = [Target(f"FD-SSM speed-up over exact SM (Hessian trace), d={target_d}", speedup,
                       ">=", 100.0)]
     data = {str(d): {m: vars(r) for m, r in res.items()} for d, res in results.items()}
+    data["fd_dsm_direction"] = "residual"
     return Section("dimension", "Cost against dimension", "\n".join(md), targets, data)
 
 
@@ -149,7 +167,8 @@ def _plot(results, dims, path: Path) -> None:
                    if m in results[d] and not results[d][m].error]
             pts = [(d, v) for d, v in pts if v == v and v > 0]
             if pts:
-                style = "-o" if m.startswith("fd") else "--s"
+                style = ("-.^" if m.endswith("_fwd") else "-o" if m.startswith("fd")
+                         else "--s")
                 ax.plot(*zip(*pts, strict=True), style, label=LABELS[m])
     for ax, ylabel in zip(axes, ("time per step (ms)", "step memory (MiB)"), strict=True):
         ax.set_xscale("log")

@@ -33,13 +33,17 @@ HEADLINE_START = "<!-- results:headline:start -->"
 HEADLINE_END = "<!-- results:headline:end -->"
 NOT_RECORDED = "not recorded"
 
-LABELS = {"exact": "exact SM (Hessian trace)", "exact_sm": "exact SM (Hessian trace)",
+LABELS = {"ncsn_dsm": "DSM", "ncsn_fd_ssm": "FD-SSM (variance reduced)",
+          "ncsn_ssm_vr": "SSM-VR (autograd)",
+          "exact": "exact SM (Hessian trace)", "exact_sm": "exact SM (Hessian trace)",
           "mle": "MLE (exact likelihood)", "ssm": "SSM (autograd)", "ssm_vr": "SSM-VR (autograd)",
           "fd_ssm": "FD-SSM", "fd_ssm_seq": "FD-SSM (sequential evaluations)",
           "dsm": "DSM (autograd)", "fd_dsm": "FD-DSM (random)",
           "fd_dsm_seq": "FD-DSM (random, sequential evaluations)",
           "fd_dsm_residual": "FD-DSM (residual)",
           "fd_dsm_residual_1s": "FD-DSM (residual, one-sided)",
+          "fd_ssm_fwd": "FD-SSM (forward mode)",
+          "fd_dsm_residual_fwd": "FD-DSM (residual, forward mode)",
           "model:1": "model alone, B rows", "model:2": "model alone, 2B rows",
           "model:3": "model alone, 3B rows"}
 
@@ -483,9 +487,41 @@ def render_ncsn() -> tuple[str, list[str]]:
         "",
         figure("docs/ncsn_samples.png", "Annealed Langevin samples of the NCSN."),
         *run_metrics(d, "docs/results/ncsn_digits.json"),
-        "NCSN results at 28x28 are to come (issue 21).",
+        render_ncsn_cost(load(BENCH / "ncsn.json")),
     ]
-    return page("NCSN", ["docs/results/ncsn_digits.json"], body), ["ncsn_digits.json"]
+    from docs import render_ncsn28  # imports this module's helpers
+
+    sources = ["docs/results/ncsn_digits.json", "benchmarks/results/full/ncsn.json"]
+    runs = load(render_ncsn28.DATA)
+    if runs is not None:
+        sources.append(rel(render_ncsn28.DATA))
+    body.append(render_ncsn28.render(runs))
+    return page("NCSN", sources, body), ["ncsn_digits.json"]
+
+
+def render_ncsn_cost(b: dict) -> str:
+    """The NCSN step-cost benchmark (benchmarks/ncsn.py) at 28x28."""
+    rows = []
+    for batch, res in b["data"].items():
+        if not isinstance(res, dict):
+            continue
+        dsm = res["dsm"]
+        for m in ("dsm", "fd_ssm", "ssm_vr"):
+            r = res[m]
+            rows.append([batch, LABELS.get(f"ncsn_{m}", m), fmt(r["time_ms"]),
+                         fmt(r["time_ms"] / dsm["time_ms"]), fmt(r["step_mib"]),
+                         fmt(r["step_mib"] / dsm["step_mib"])])
+    return "\n".join([
+        heading("Cost per step at 28x28"),
+        "The score network of ``train_ncsn`` (``ScoreNet``, width 16, 10 noise levels) on "
+        "28x28 inputs; one step is the loss, its backward and an Adam step. Times are medians "
+        "over interleaved rounds in one process; step memory is the peak RSS of one step above "
+        "the pre-step baseline, in a fresh process per method.",
+        "",
+        table(["batch", "method", "ms / step", "/ DSM", "step memory (MiB)", "/ DSM"], rows),
+        bench_figure("ncsn", "Time and memory per NCSN training step at 28x28."),
+        bench_provenance(b, "ncsn"),
+    ])
 
 
 def render_demo() -> tuple[str, list[str]]:
@@ -544,18 +580,24 @@ def render_benchmarks() -> tuple[str, list[str]]:
         body.append(render_compile(data["compile"]))
     if data["fused_ops"]:
         body.append(render_fused(data["fused_ops"]))
-    body += [heading("Precision (bfloat16, small eps)"),
-             "``benchmarks/results/precision.md`` (``python -m benchmarks.precision``) has no "
-             "results file with its machine and commit behind it, so its numbers are not "
-             "shown here; it is to be re-measured.", ""]
-    srcs = [f"benchmarks/results/full/{n}.json" for n in names]
+    precision = load(BENCH / "precision.json")
+    if precision:
+        from docs.render_precision import render_precision
+
+        body.append(render_precision(precision))
+    srcs = [f"benchmarks/results/full/{n}.json" for n in [*names, "precision"]]
     return page("Benchmarks", srcs, body), srcs
 
 
 def render_dimension(b: dict) -> str:
     d = b["data"]
     dims = [k for k in d if k.isdigit()]
-    methods = ["exact_sm", "ssm", "ssm_vr", "dsm", "fd_ssm", "fd_dsm"]
+    methods = ["exact_sm", "ssm", "ssm_vr", "dsm", "fd_ssm", "fd_dsm", "fd_ssm_fwd",
+               "fd_dsm_residual_fwd"]
+    # Runs before the residual direction existed recorded no direction: random.
+    direction = d.get("fd_dsm_direction", "random")
+    labels = LABELS | {"fd_dsm": LABELS["fd_dsm_residual" if direction == "residual"
+                                        else "fd_dsm"]}
 
     def cell(k, m, f):
         r = d[k].get(m)
@@ -563,19 +605,25 @@ def render_dimension(b: dict) -> str:
 
     def ratio(k, a, c, f):
         ra, rc = d[k].get(a), d[k].get(c)
-        return "-" if ra is None or rc is None else ra[f] / rc[f]
+        return "-" if ra is None or rc is None else ra[f] / rc[f] if rc[f] else math.nan
 
     head = ["method", *[f"d={k}" for k in dims]]
-    time_rows = [[LABELS[m], *[cell(k, m, "time_ms") for k in dims]] for m in methods]
-    mem_rows = [[LABELS[m], *[cell(k, m, "step_mib") for k in dims]] for m in methods]
-    ratio_rows = [[f"{LABELS[a]} / {LABELS[c]} {w}", *[ratio(k, a, c, f) for k in dims]]
-                  for a, c in (("fd_ssm", "ssm"), ("fd_dsm", "dsm"), ("exact_sm", "fd_ssm"))
+    time_rows = [[labels[m], *[cell(k, m, "time_ms") for k in dims]] for m in methods]
+    mem_rows = [[labels[m], *[cell(k, m, "step_mib") for k in dims]] for m in methods]
+    ratio_rows = [[f"{labels[a]} / {labels[c]} {w}", *[ratio(k, a, c, f) for k in dims]]
+                  for a, c in (("fd_ssm", "ssm"), ("fd_dsm", "dsm"), ("fd_ssm_fwd", "ssm"),
+                               ("fd_dsm_residual_fwd", "dsm"), ("fd_ssm_fwd", "fd_ssm"),
+                               ("fd_dsm_residual_fwd", "fd_dsm"), ("exact_sm", "fd_ssm"))
                   for w, f in (("time", "time_ms"), ("memory", "step_mib"))]
     return "\n".join([
         heading("Cost against dimension"),
         "An MLP energy d -> 256 -> 256 -> 1 (softplus), batch 128, float32; one step = loss "
         "+ backward to the parameters. Exact SM: the Hessian trace by autograd (d double "
-        "backwards); it was not run at the largest d. Time per step (ms, median):",
+        "backwards); it was not run at the largest d. FD-DSM steps along "
+        + ("the DSM residual" if direction == "residual" else "random directions")
+        + ". The forward-mode rows are the same two estimators with "
+        "``derivatives=\"forward\"`` (their eps -> 0 limits by forward-mode AD, then one "
+        "backward), timed in the same runs. Time per step (ms, median):",
         "",
         table(head, time_rows),
         "Step memory (MiB):", "",
@@ -601,6 +649,10 @@ def render_deep_ebm_bench(b: dict) -> str:
     grad = d["residual_gradient_check"]
     grows = [[e, *[grad[e][m] for m in ("fd_dsm_residual", "fd_dsm_residual_1s", "fd_dsm")]]
              for e in grad]
+    fwd = [f"{LABELS[a]} / {LABELS[c]}: time {fmt(t[a] / t[c])}, memory "
+           f"{fmt(mem[a] / mem[c] if mem[c] else math.nan)}"
+           for a, c in (("fd_ssm_fwd", "fd_ssm"), ("fd_dsm_residual_fwd", "fd_dsm_residual"))
+           if a in t]
     est = d.get("estimator_check") or {}
     erows = []
     for model, r in est.items():
@@ -616,10 +668,13 @@ def render_deep_ebm_bench(b: dict) -> str:
         f"{cfg['eps']}. Held-out exact SM loss on {cfg['n_heldout']} test images (at "
         f"initialisation: {fmt(d['heldout_sm_init'])}); these iterations are far from "
         "convergence (the learning curves are on :doc:`deep_ebm` and :doc:`fd_dsm`). "
-        "Ratios against DSM for the DSM rows, against SSM for the SSM rows.",
+        "Ratios against DSM for the DSM rows, against SSM for the SSM rows. The forward-mode "
+        "rows train with the eps -> 0 limits of FD-SSM and residual FD-DSM "
+        "(``derivatives=\"forward\"``: forward-mode AD, then one backward).",
         "",
         table(["method", "held-out exact SM", "ms / iteration", "step memory (MiB)",
                "time / baseline", "memory / baseline"], rows),
+        *([f"Forward mode against FD, same run: {'; '.join(fwd)}.", ""] if fwd else []),
         "Where the time goes: every step re-timed interleaved in one fresh process, against "
         "the model's own forward + backward + Adam step on k stacked copies of the batch "
         "(the floor of an FD step, which is one such call on 2B or 3B rows plus the fused "
@@ -633,6 +688,9 @@ def render_deep_ebm_bench(b: dict) -> str:
         "",
         table(["eps", LABELS["fd_dsm_residual"], LABELS["fd_dsm_residual_1s"],
                LABELS["fd_dsm"]], grows),
+        *([f"{LABELS['fd_dsm_residual_fwd']} (the eps -> 0 limit: no truncation, no 1/eps "
+           f"rounding): {fmt(d['forward_gradient_check'])}.", ""]
+          if "forward_gradient_check" in d else []),
         *(["torch.profiler, one iteration, the top operators by self CPU time (calls, ms, "
            "share of the step):", "",
            *[f"- {LABELS[m]}: " + "; ".join(f"``{op}`` x{n} {fmt(ms)} ms ({pct:.0f} %)"
@@ -926,7 +984,11 @@ PAGES = [("fd_dsm", "FD-DSM along the residual against DSM and the paper's FD-DS
          ("benchmarks", "Time and memory per step: dimension, deep EBM, derivative order, "
           "torch.compile, fused ops."),
          ("gpu", "The GPU check (python -m benchmarks.gpu_check): the GPU tests, the fused ops "
-          "on a GPU against the CPU, fused-op and deep-EBM benchmarks on a GPU.")]
+          "on a GPU against the CPU, fused-op and deep-EBM benchmarks on a GPU."),
+         ("compat", "Where each estimator trains: eager, compile, flash attention, FSDP2, DDP, "
+          "bf16, channels_last, CUDA graphs, with the time per step."),
+         ("vit", "A ViT energy on MNIST-5k: FD-SSM and FD-DSM through flash attention beside "
+          "autograd SM on the MATH backend.")]
 
 
 def render_index() -> str:
@@ -1379,7 +1441,9 @@ def render_fd_dsm() -> tuple[str, list[str]]:
 # ----------------------------------------------------------------------------- main
 RENDERERS = {"fd_dsm": render_fd_dsm, "density": render_density, "deep_ebm": render_deep_ebm,
              "ncsn": render_ncsn, "demo": render_demo, "benchmarks": render_benchmarks,
-             "gpu": render_gpu}
+             "gpu": render_gpu,
+             "compat": lambda: __import__("docs.render_compat", fromlist=["_"]).render_compat(),
+             "vit": lambda: __import__("docs.render_vit", fromlist=["_"]).render_vit()}
 
 
 def outputs() -> dict[Path, str]:
@@ -1389,7 +1453,8 @@ def outputs() -> dict[Path, str]:
         out[RESULTS / f"{name}.rst"] = from_results(f"{rel(RESULTS)}/{name}.rst", fn)[0]
     if README.exists():
         text = from_results("README.md's headline table",
-                            lambda: readme_with_headline(README.read_text()))
+                            lambda: __import__("docs.render_compat", fromlist=["_"])
+                            .readme_with_compat(readme_with_headline(README.read_text())))
         if text is not None:
             out[README] = text
     return out

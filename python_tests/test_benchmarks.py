@@ -23,6 +23,7 @@ EXPECTED_ROWS = {
                 "SSM, torch.compile(fullgraph=True)"],
     "fused_ops": ["stencil batch", "v given", "fd_combine", "fd_ssm_scalar", "fd_ssm_score",
                   "fd_dsm_scalar", "fd_ssm_loss + backward", "model alone"],
+    "ncsn": ["| DSM |", "| FD-SSM (variance reduced) |", "| SSM-VR (autograd) |"],
 }
 
 
@@ -269,3 +270,236 @@ def test_gpu_check_builds_only_on_a_gpu_without_kernels(monkeypatch, tmp_path):
                           "has_cuda_kernels": True}])
     assert res["status"] == "error" and "torch sees no GPU" in res["error"]
     log.file.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The forward-mode rows (derivatives="forward") of the dimension and deep-EBM benchmarks.
+
+FORWARD_ROWS = {"dimension": ("fd_ssm_fwd", "fd_dsm_residual_fwd"),
+                "deep_ebm": ("fd_ssm_fwd", "fd_dsm_residual_fwd")}
+
+
+def _loss_and_grads(loss, model, x, seed=0):
+    import torch
+
+    torch.manual_seed(seed)  # the same directions and noise for every method
+    value = loss(model, x)
+    params = list(model.parameters())
+    return value.detach(), torch.autograd.grad(value, params, allow_unused=True,
+                                               materialize_grads=True)
+
+
+def _grad_gap(got, want) -> float:
+    """||got - want|| / ||want|| over all parameter gradients together."""
+    num = sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want, strict=True))
+    return math.sqrt(num / sum(float((w * w).sum()) for w in want))
+
+
+@pytest.mark.parametrize("bench", ["dimension", "deep_ebm"])
+@pytest.mark.parametrize("fwd,fd", [("fd_ssm_fwd", "fd_ssm"),
+                                    ("fd_dsm_residual_fwd", "fd_dsm_residual")])
+def test_forward_rows_are_the_eps_to_zero_limit_of_their_fd_rows(bench, fwd, fd):
+    """Each forward-mode row is the limit of its FD row (float64, same seed): the FD
+    gradients approach it as eps^2 (central differences), and at eps = 1e-3 the loss and
+    gradients agree to 1e-6."""
+    import torch
+
+    from benchmarks import deep_ebm, dimension
+
+    if bench == "dimension":
+        fd = {"fd_dsm_residual": "fd_dsm"}.get(fd, fd)  # dimension's FD-DSM is residual
+        model, x = dimension.MLPEnergy(6, 16).double(), torch.randn(5, 6, dtype=torch.float64)
+
+        def loss(m, eps):
+            return dimension.loss_fn(m, sigma=0.1, eps=eps)
+    else:
+        model = deep_ebm.seeded_energy_net(0, 8, ch=4, head_dim=8).double()
+        x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+
+        def loss(m, eps):
+            return deep_ebm.loss_fn(m, sigma=0.1, eps=eps)
+
+    got, got_g = _loss_and_grads(loss(fwd, 0.1), model, x)
+    assert torch.isfinite(got)
+    fd_runs = {eps: _loss_and_grads(loss(fd, eps), model, x) for eps in (0.1, 0.01, 1e-3)}
+    gaps = {eps: _grad_gap(g, got_g) for eps, (_, g) in fd_runs.items()}
+    assert gaps[0.1] > 1e-6  # a measurable truncation error at the benchmarks' eps
+    assert gaps[0.01] / gaps[0.1] == pytest.approx(0.01, rel=0.3)
+    assert gaps[1e-3] < 1e-6
+    assert float(fd_runs[1e-3][0]) == pytest.approx(float(got), rel=1e-6)
+
+
+def test_forward_residual_dsm_row_is_dsm():
+    """Residual FD-DSM in forward mode has DSM's loss value and gradient (same noise z)."""
+    import torch
+
+    from benchmarks import deep_ebm
+
+    model = deep_ebm.seeded_energy_net(0, 8, ch=4, head_dim=8).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    got, got_g = _loss_and_grads(deep_ebm.loss_fn("fd_dsm_residual_fwd", 0.1, 0.1), model, x)
+    want, want_g = _loss_and_grads(deep_ebm.loss_fn("dsm", 0.1, 0.1), model, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for g, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10 * float(w.abs().max()))
+
+
+def test_forward_rows_in_the_quick_results(quick_results):
+    """The forward-mode rows are measured in the same runs as FD and the baselines, with
+    ratios against the same baselines and against their FD rows."""
+    from benchmarks import deep_ebm, dimension
+
+    dim = json.loads((quick_results / "dimension.json").read_text())["data"]
+    dims = [k for k in dim if k.isdigit()]
+    assert dims and dim["fd_dsm_direction"] == "residual"
+    for k in dims:
+        for m in FORWARD_ROWS["dimension"] + ("fd_ssm", "fd_dsm", "ssm", "dsm"):
+            r = dim[k][m]
+            assert r["error"] is None and _positive(r["time_ms"]), (k, m, r["error"])
+    md = (quick_results / "dimension.md").read_text()
+    for m in FORWARD_ROWS["dimension"]:
+        row = next(line for line in md.splitlines()
+                   if line.startswith(f"| {dimension.LABELS[m]} |"))
+        assert "error" not in row and "not run" not in row
+    assert "| FD-SSM (forward mode) / FD-SSM time |" in md
+    assert "| FD-DSM (residual, forward mode) / DSM time |" in md
+
+    ebm = json.loads((quick_results / "deep_ebm.json").read_text())["data"]
+    for m in FORWARD_ROWS["deep_ebm"]:
+        assert m in deep_ebm.METHODS and deep_ebm.BASELINE[m] in ("ssm", "dsm")
+        assert _positive(ebm["time_ms"][m]) and math.isfinite(ebm["heldout_sm"][m])
+        assert len(ebm["losses"][m]) == deep_ebm.QUICK["iters"]
+        assert _positive(ebm["split_ms"][m]) and m in ebm["profile"]
+    assert deep_ebm.BASELINE["fd_ssm_fwd"] == "ssm"
+    assert deep_ebm.BASELINE["fd_dsm_residual_fwd"] == "dsm"
+    # Forward-mode residual FD-DSM against DSM's gradient: float32 rounding only.
+    assert 0 <= ebm["forward_gradient_check"] < 1e-4
+    for check in ebm["estimator_check"].values():
+        assert math.isfinite(check["FD-SSM, forward mode (eps -> 0)"])
+    md = (quick_results / "deep_ebm.md").read_text()
+    for m in FORWARD_ROWS["deep_ebm"]:
+        assert f"| {deep_ebm.LABELS[m]} |" in md
+    assert "Forward mode against FD (time, memory): FD-SSM (forward mode) / FD-SSM " in md
+
+
+# ---------------------------------------------------------------------------------------
+# The compatibility matrix (python -m benchmarks.compat), quick mode.
+
+
+@pytest.fixture(scope="module")
+def compat_quick(tmp_path_factory):
+    from benchmarks import compat
+
+    out = tmp_path_factory.mktemp("compat")
+    assert compat.main(["--quick", "--out", str(out), "--device", "cpu", "--threads", "1"]) == 0
+    return out / "quick", json.loads((out / "quick" / "compat.json").read_text())
+
+
+def test_compat_matrix_quick(compat_quick):
+    import sys
+
+    import torch
+
+    from benchmarks import compat
+
+    _, payload = compat_quick
+    d = payload["data"]
+    assert payload["command"] == "python -m benchmarks.compat --quick --threads 1"
+    assert payload["machine"]["torch"] == torch.__version__ and payload["machine"]["git_commit"]
+    assert d["methods"] == list(compat.METHODS) and d["columns"] == list(compat.COLUMNS)
+    cells = {c: d["results"][c]["cells"] for c in d["columns"]}
+    # The baseline is eager FD-SSM itself: ratio exactly 1, loss equal to itself.
+    eager = cells["eager"]["fd_ssm"]
+    assert eager["status"] == "works" and eager["ratio"] == 1.0 and eager["rel_diff"] == 0.0
+    # Every cell that works ran its steps with a finite loss and finite gradients; every
+    # failure names its error.
+    for c, col in cells.items():
+        for m, cell in col.items():
+            if cell["status"] == "works":
+                assert cell["grads"] == "finite" and math.isfinite(cell["loss"]), (c, m)
+                assert _positive(cell["ratio"]) and _positive(cell["time_ms"]), (c, m)
+            elif cell["status"] == "fails":
+                assert cell["error"], (c, m)
+    # First-order autograd only: every FD row trains in every CPU column, and the compiled
+    # loss (aot_eager: the eager kernels) gives exactly the eager loss.
+    for m in ("fd_ssm", "fd_dsm_residual", "fd_dsm_random"):
+        for c in d["columns"]:
+            if c != "cuda_graphs":
+                assert cells[c][m]["status"] == "works", (c, m, cells[c][m].get("error"))
+        assert cells["compiled_fullgraph"][m]["rel_diff"] == 0.0
+        assert cells["fsdp2"][m]["agrees"] and cells["ddp"][m]["agrees"]
+    # Double backward: the autograd losses fail under the fullgraph compile, the flash
+    # attention kernel and FSDP2, and run eagerly.
+    for m in ("ssm", "ssm_vr", "dsm"):
+        assert cells["eager"][m]["status"] == "works"
+        assert cells["compiled_fullgraph"][m]["status"] == "fails"
+        flash = cells["sdpa_flash"][m]
+        assert flash["status"] == "fails" and "flash_attention" in flash["error"]
+        assert "backward" in flash["error"]
+        assert cells["fsdp2"][m]["status"] == "fails"
+    # Forward mode is exact and needs a jvp rule per op: the CPU flash kernel has none.
+    for m in ("fd_ssm_forward", "fd_dsm_forward"):
+        assert cells["eager"][m]["status"] == "works"
+        assert cells["sdpa_flash"][m]["status"] == "fails"
+    # bf16 autocast: FD-SSM's value is rounding noise there, and the guard says so.
+    bf16 = cells["bf16_autocast"]["fd_ssm"]
+    assert not bf16["agrees"] and any("FDPrecisionWarning" in w for w in bf16["warnings"])
+    if not torch.cuda.is_available():
+        assert {cell["status"] for cell in cells["cuda_graphs"].values()} == {"needs a GPU"}
+    if sys.version_info < (3, 12):
+        assert not d["taylor_mode"]["measured"] and "3.12" in d["taylor_mode"]["reason"]
+
+
+def test_compat_page_and_readme_block_render(compat_quick, monkeypatch):
+    from docs import render_compat
+
+    out, payload = compat_quick
+    monkeypatch.setattr(render_compat, "BENCH", out)
+    text, sources = render_compat.render_compat()
+    assert sources == [render_compat.SOURCE]
+    d = payload["data"]
+    flash_error = d["results"]["sdpa_flash"]["cells"]["ssm"]["error"]
+    # The flash error is a numbered note, and the SSM row points to it in that column.
+    note = next(line for line in text.splitlines() if line.endswith(f"] {flash_error}"))
+    n = note.strip().split("]")[0] + "]"
+    ssm_row = text.split("   * - SSM (autograd)\n")[1].split("   * - ")[0].splitlines()
+    assert ssm_row[d["columns"].index("sdpa_flash")] == f"     - fails {n}"
+    assert "   * - FD-SSM\n     - works, 1x\n" in text
+    readme = render_compat.readme_with_compat(
+        f"a\n{render_compat.COMPAT_START}\nold\n{render_compat.COMPAT_END}\nb\n")
+    assert "old" not in readme and readme.startswith("a\n") and readme.endswith("\nb\n")
+    assert "| FD-SSM | works | works | works | works | works | works | works | works |" in readme
+
+
+# ---------------------------------------------------------------------------------------
+# The precision benchmark (python -m benchmarks.precision), quick mode: not in BENCHMARKS
+# (it measures errors, not time), run on its own.
+
+
+def test_precision_quick_mode_measures_and_renders(tmp_path):
+    from benchmarks import precision
+    from docs.render_precision import render_precision
+
+    assert precision.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    b = json.loads((tmp_path / "quick" / "precision.json").read_text())
+    assert b["command"] == "python -m benchmarks.precision --quick"
+    assert b["machine"]["torch"] and b["machine"]["git_commit"] and b["provenance"]["convergence"]
+    for kind in ("mlp", "conv"):
+        for state in ("fresh", "trained"):
+            rows = {(r["precision"], r["derivatives"], r["eps"]): r
+                    for r in b["data"]["models"][kind][state]["rows"]}
+            # float64 forward mode against float64 nested autograd with the same directions:
+            # the same numbers up to float64 rounding; float32 forward mode to float32's.
+            assert rows["float64", "forward", None]["rms_rel"] < 1e-10
+            assert rows["float32", "forward", None]["rms_rel"] < 1e-4
+            # float64 FD: truncation only, O(eps^2) at eps 0.1
+            assert 0 < rows["float64", "fd", 0.1]["rms_rel"] < 1e-3
+            guard = rows["float32", "fd", 0.1]
+            assert guard["guard_warned"] == (guard["guard_ratio"] > 0.3)
+    for r in b["data"]["guard_grid"]:
+        assert r["warned"] == (r["ratio"] > 0.3), r
+    text = render_precision(b)
+    for part in ("Precision of FD-SSM: rounding against exact values", "MLP energy",
+                 "conv energy", "The precision guard against measured errors",
+                 "``benchmarks/results/full/precision.json``"):
+        assert part in text
