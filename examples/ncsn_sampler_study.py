@@ -77,11 +77,17 @@ def main(argv=None) -> int:
     stem = os.path.splitext(os.path.basename(args.out))[0]
     os.makedirs(out_dir, exist_ok=True)
     settings = []
+    last = torch.full((args.n_samples,), len(sigmas) - 1, dtype=torch.long)
+    last = last if model.condition == "label" else sigmas[last]
     for step_lr in args.step_lrs:
-        for denoise in (True, False):
-            t0 = time.perf_counter()
-            x = sample(model, x0, sigmas, args.n_steps_each, step_lr, denoise, args.seed)
-            seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        raw = sample(model, x0, sigmas, args.n_steps_each, step_lr, False, args.seed)
+        seconds = time.perf_counter() - t0
+        # The denoising step draws no noise, so it is applied to the same trajectory: what
+        # annealed_langevin_dynamics(denoise=True) returns for this seed (tested).
+        with torch.no_grad():
+            denoised = raw + sigmas[-1] ** 2 * model(raw, last)
+        for denoise, x in ((True, denoised), (False, raw)):
             grid = f"{stem}_lr{step_lr:g}_{'denoised' if denoise else 'raw'}.png"
             metrics.save_image_grid(os.path.join(out_dir, grid), x[:100],
                                     title=f"step_lr {step_lr:g}, denoise {denoise}")
