@@ -59,7 +59,8 @@ def flattened(evals: list[list[float]]) -> tuple[bool, float]:
     return gain < FLAT_TOL, gain
 
 
-def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[str]) -> dict:
+def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[str],
+            note: str | None = None) -> dict:
     from benchmarks.harness import machine_info
 
     machine = machine_info("cpu", 1)
@@ -79,10 +80,7 @@ def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[st
             "width": state["args"]["width"], "lr": state["args"]["lr"],
             "seed": state["args"]["seed"]})
     if sampler is not None:
-        study = json.loads(sampler.read_text())
-        for row in study["settings"]:
-            shutil.copyfile(sampler.parent / row["grid"], GRIDS / row["grid"])
-        out["sampler_study"] = study
+        out["sampler_study"] = json.loads(sampler.read_text())
     out["provenance"] = {
         "machine": machine, "code_commit": code_commit, "results_commit": None,
         "date": machine["date"],
@@ -90,6 +88,8 @@ def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[st
                        "the last quarter of the evaluations, or not)",
         "commands": command,
     }
+    if note:
+        out["provenance"]["note"] = note
     return out
 
 
@@ -214,8 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", type=Path, default=None)
     p.add_argument("--commands", nargs="+", required=True,
                    help="the commands that made the runs (recorded in the results file)")
+    p.add_argument("--note", default=None, help="how the runs were made, if not plain")
     args = p.parse_args(argv)
-    data = collect(args.runs, args.code_commit, args.sampler, args.commands)
+    data = collect(args.runs, args.code_commit, args.sampler, args.commands, args.note)
     DATA.write_text(json.dumps(data, indent=1) + "\n")
     plot_curves(data, CURVES_PNG)
     print(f"wrote {DATA.relative_to(ROOT)} and {CURVES_PNG.relative_to(ROOT)}")

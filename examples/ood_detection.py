@@ -140,7 +140,7 @@ def interleaved_ms(model, sigmas, train_x, args, n_projections: int = 1) -> dict
     import copy
     import time
 
-    import train_ebm
+    from . import train_ebm
 
     x = train_x[:args.time_batch_size]
     steps = {}
