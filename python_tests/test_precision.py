@@ -10,6 +10,7 @@ import torch
 from helpers import MLP
 from torch import nn
 
+from benchmarks.precision import HalfOutputs
 from fdsm_ext import (
     FDPrecisionWarning,
     _guard,
@@ -291,15 +292,6 @@ GUARD_GRID = {
     "float16 outputs": (1e-5, 1e-3, 1e-2, 0.1, 0.2, 0.3, 1.0),
 }
 UNIT = {"float32": 2.0**-24, "bfloat16 autocast": 2.0**-8, "float16 outputs": 2.0**-11}
-
-
-class HalfOutputs(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x).half()
 
 
 @pytest.fixture(scope="module")
