@@ -129,7 +129,10 @@ def fd_ssm_loss(
     ``jvp``/``setup_context``), the call raises ``NotImplementedError`` naming the op, with
     the advice to use ``"fd"``. Under torch.compile, compile the whole loss (fullgraph
     works): a model compiled on its own runs eagerly inside ``torch.func.jvp``
-    (PyTorch issue 128711). Pick ``"fd"`` for the fastest eager step and for any model
+    (PyTorch issue 128711). Under DistributedDataParallel, DDP rebuilds its gradient buckets
+    in the first forward after the first backward, which fails inside the jvp ("Cannot access
+    data pointer of Tensor that doesn't have storage"): call the DDP module once outside the
+    loss after the first step (for example a forward on one sample), or use ``"fd"``. Pick ``"fd"`` for the fastest eager step and for any model
     (first-order autograd only); pick ``"forward"`` where FD's rounding matters (float32
     or autocast with large d, small loss values) or under a compiled loss, where its cost
     comes closer to FD's. Formulas: docs/math.rst,
