@@ -132,10 +132,11 @@ def fd_ssm_loss(
     (PyTorch issue 128711). Under DistributedDataParallel, DDP rebuilds its gradient buckets
     in the first forward after the first backward, which fails inside the jvp ("Cannot access
     data pointer of Tensor that doesn't have storage"): call the DDP module once outside the
-    loss after the first step (for example a forward on one sample), or use ``"fd"``. Pick ``"fd"`` for the fastest eager step and for any model
-    (first-order autograd only); pick ``"forward"`` where FD's rounding matters (float32
-    or autocast with large d, small loss values) or under a compiled loss, where its cost
-    comes closer to FD's. Formulas: docs/math.rst,
+    loss after the first step (for example a forward on one sample), or use ``"fd"``.
+    Pick ``"fd"`` for the fastest eager step and for any model (first-order autograd
+    only); pick ``"forward"`` where FD's rounding matters (float32 or autocast with large
+    d, small loss values) or under a compiled loss, where its cost comes closer to FD's.
+    Formulas: docs/math.rst,
     :ref:`section "Forward mode" <math-forward-mode>`.
     """
     fn = "fd_ssm_loss"
