@@ -36,8 +36,8 @@ CKPT_KEYS = ("model", "optimizer", "step", "history", "rng", "args")
 # The checkpoint of the scripts that keep their own loop state (:func:`save_run_state`).
 STATE_CKPT_KEYS = ("model", "optimizer", "state", "args")
 # Options that must match between a checkpoint and the run resuming it.
-RESUME_MUST_MATCH = ("method", "dataset", "limit", "batch_size", "seed", "lr", "eps", "sigma",
-                     "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min",
+RESUME_MUST_MATCH = ("method", "dataset", "limit", "test_limit", "batch_size", "seed", "lr",
+                     "eps", "sigma", "n_projections", "width", "n_sigmas", "sigma_max", "sigma_min",
                      "condition", "alpha_directions")
 
 

@@ -57,6 +57,8 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int, 
                         "(Fashion-MNIST default: /usr/share/datasets/fashion-mnist if present)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N training images (quick runs, tests)")
+    p.add_argument("--test-limit", type=positive_int, default=None,
+                   help="use only the first N held-out images (evaluation and sample metrics)")
     p.add_argument("--steps", type=nonneg_int, default=steps, help="training iterations")
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="GLOBAL batch size (split over torchrun processes)")
@@ -103,7 +105,8 @@ def parse_and_load(parser: argparse.ArgumentParser, argv: list[str] | None) -> t
     if args.sigma_min >= args.sigma_max and args.n_sigmas > 1:
         parser.error("--sigma-min must be smaller than --sigma-max")
     try:
-        train_x, test_x = data_lib.load_dataset(args.dataset, args.data_dir, limit=args.limit)
+        train_x, test_x = data_lib.load_dataset(args.dataset, args.data_dir, limit=args.limit,
+                                                 test_limit=args.test_limit)
     except data_lib.DataError as e:
         parser.error(str(e))
     if args.batch_size > len(train_x):
