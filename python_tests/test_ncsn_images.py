@@ -90,3 +90,40 @@ def test_sampler_study_rows_are_the_library_sampler(trained, tmp_path):
 def test_sampler_study_needs_a_checkpoint(tmp_path):
     proc = run(STUDY, "--run", str(tmp_path), "--out", str(tmp_path / "s.json"), check=False)
     assert proc.returncode == 2 and "--run: no checkpoint.pt in" in proc.stderr
+
+
+def test_test_limit_evaluates_the_first_heldout_images(tmp_path):
+    """--test-limit N: the reported held-out loss is the fixed-noise DSM loss of the trained
+    model on exactly the first N held-out images; resuming with another N is refused."""
+    from examples.common.data import load_dataset
+    from examples.common.models import ScoreNet
+    from fdsm_ext import geometric_sigmas, noise_conditional_loss
+
+    out = str(tmp_path / "dsm")
+    run(NCSN, "--method", "dsm", "--steps", "2", "--test-limit", "20", "--out", out, *TINY_28,
+        timeout=600)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    ckpt = read_ckpt(out)
+    saved = ckpt["args"]
+    assert saved["test_limit"] == 20
+    sigmas = geometric_sigmas(saved["sigma_max"], saved["sigma_min"], saved["n_sigmas"])
+    model = ScoreNet(sigmas, in_ch=1, ch=saved["width"], condition=saved["condition"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    _, test_x = load_dataset("mnist5k")
+    assert len(test_x) > 20
+
+    def heldout(images):
+        g = torch.Generator().manual_seed(1234)  # train_ncsn's fixed evaluation noise
+        labels = torch.arange(len(images)) % len(sigmas)
+        with torch.no_grad():
+            return float(noise_conditional_loss(model, images, sigmas, method="dsm",
+                                                labels=labels, generator=g))
+
+    assert m["final_heldout_dsm_loss"] == pytest.approx(heldout(test_x[:20]), rel=1e-5)
+    assert m["final_heldout_dsm_loss"] != pytest.approx(heldout(test_x[:40]), rel=1e-3)
+
+    proc = run(NCSN, "--method", "dsm", "--steps", "4", "--test-limit", "30", "--resume",
+               "--out", out, *TINY_28, check=False)
+    assert proc.returncode == 2
+    assert "checkpoint was made with --test-limit 20, this run has 30" in proc.stderr
