@@ -21,6 +21,7 @@ import torch
 
 from docs.render_results import (
     BENCH,
+    NOT_RECORDED,
     RESULTS,
     ROOT,
     code,
@@ -62,6 +63,7 @@ def flattened(evals: list[list[float]]) -> tuple[bool, float]:
 def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[str],
             note: str | None = None) -> dict:
     from benchmarks.harness import machine_info
+    from examples.common.data import load_dataset
 
     machine = machine_info("cpu", 1)
     machine.pop("load_average_1_5_15", None)
@@ -74,8 +76,12 @@ def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[st
         flat, gain = flattened(history["eval"])
         grid = f"{folder.name}.png"
         shutil.copyfile(folder / "samples.png", GRIDS / grid)
+        args = state["args"]
+        n_heldout = len(load_dataset(args["dataset"], args.get("data_dir"),
+                                     test_limit=args.get("test_limit"))[1])
         out["runs"].append({k: m.get(k) for k in KEYS} | {
             "run": folder.name, "grid": grid, "converged": flat, "last_quarter_gain": gain,
+            "heldout_images": n_heldout,
             "eval_curve": history["eval"], "train_curve": history["train"][::10],
             "width": state["args"]["width"], "lr": state["args"]["lr"],
             "seed": state["args"]["seed"]})
@@ -150,6 +156,8 @@ def render(data: dict | None) -> str:
                           fmt(r[f"label_entropy_per_sample_{what}"]),
                           fmt(r[f"label_entropy_of_mean_{what}"])])
     first = data["runs"][0]
+    heldout = "; ".join(f"{ds}, {n}" for ds, n in sorted(
+        {(r["dataset"], r.get("heldout_images", NOT_RECORDED)) for r in data["runs"]}))
     grids = [figure(f"docs/results/ncsn28/{r['grid']}",
                     f"{r['dataset']}, {LABELS[r['method']]}, {r['steps']} iterations.",
                     width="45%") for r in data["runs"]]
@@ -162,7 +170,8 @@ def render(data: dict | None) -> str:
         f"on a GPU), annealed Langevin dynamics with {first['n_steps_each']} steps per level and "
         f"step_lr {first['step_lr']:g} (the paper's) from uniform noise, then the final "
         "denoising step. Held-out DSM loss: the sigma^2-weighted denoising loss over all "
-        "levels on fixed held-out images, noise and levels, a measure the three methods share. "
+        "levels on fixed held-out images, noise and levels, a measure the three methods share "
+        f"(held-out images: {heldout}). "
         "Sample metrics: the classifier's Frechet distance and label entropies (per sample: "
         "low is confident; of the mean: high is diverse, the maximum is ln 10 = 2.30) of "
         f"{first['classifier_n_images']} samples; MMD^2 against held-out images. Flattened: "

@@ -1009,7 +1009,7 @@ def render_index() -> str:
 
 # ----------------------------------------------------------------------------- README
 def render_headline() -> str:
-    """README.md's "which estimator when" table: at most six numbers, each from a file."""
+    """README.md's "which estimator when" table: a few numbers, each from a file."""
     dim = load(BENCH / "dimension.json")
     deb = load(BENCH / "deep_ebm.json")
     comp = load(BENCH / "compile.json")
@@ -1036,6 +1036,7 @@ def render_headline() -> str:
          "does not compile)",
          f"{c['fd_ssm_compiled']['time_ms'] / c['ssm_eager']['time_ms']:.2f}x eager SSM's "
          "step time", "benchmarks"),
+        *ncsn_headline(),
         ("`dsm_loss`, `ssm_loss` (autograd)", "score models (DSM needs no model derivative), "
          "or references", "", "density"),
         ("`exact_sm_loss`", "evaluation at small d (Hessian trace)",
@@ -1051,6 +1052,29 @@ def render_headline() -> str:
               "machine, command and date of each number on its page. Rendered by "
               "`python -m docs.render_results render` from the results files."]
     return "\n".join(lines)
+
+
+def ncsn_headline() -> list[tuple[str, str, str, str]]:
+    """The NCSN row: FD-SSM's step time against SSM-VR's and its samples' Frechet distance
+    against both baselines', per data set (empty until the 28x28 runs exist)."""
+    from docs import render_ncsn28
+
+    runs, bench = load(render_ncsn28.DATA), load(BENCH / "ncsn.json")
+    if runs is None or bench is None:
+        return []
+    by = {(r["dataset"], r["method"]): r for r in runs["runs"]}
+    t = bench["data"][str(runs["runs"][0]["batch_size"])]
+    parts = []
+    for ds in sorted({d for d, _ in by}):
+        fid = " / ".join(fmt(by[ds, m]["frechet_distance_samples"])
+                         for m in ("fd_ssm", "ssm_vr", "dsm"))
+        flat = all(by[ds, m]["converged"] for m in ("fd_ssm", "ssm_vr", "dsm"))
+        parts.append(f"{fid} ({ds}, {by[ds, 'fd_ssm']['steps']} iterations"
+                     f"{'' if flat else ', not flattened'})")
+    number = (f"{t['fd_ssm']['time_ms'] / t['ssm_vr']['time_ms']:.2f}x SSM-VR's step time at "
+              "28x28; samples' Frechet distance FD-SSM / SSM-VR / DSM: " + "; ".join(parts))
+    return [("`noise_conditional_loss`, `method=\"fd_ssm\"`", "training a noise-conditional "
+             "score network (NCSN) for images without double backward", number, "ncsn")]
 
 
 def readme_with_headline(text: str) -> str | None:
